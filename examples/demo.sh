@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole pipeline on the bundled sample, on CPU: PubMed/PMC XML -> JSONL -> tokenizer ->
+# Megatron .bin/.idx, then a read-back through megatron-core. Run through `make demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-demo_output}
+rm -rf "$OUT"; mkdir -p "$OUT"
+
+echo "== 1. PubMed + PMC XML -> JSONL documents"
+"$PYTHON" tools/pubmed_to_jsonl.py examples/sample_data --output "$OUT/documents.jsonl" \
+    --workers 2 --languages eng --min-chars 200
+
+echo "== 2. BioMedLM tokenizer (byte-level BPE) + offline sentence splitter"
+"$PYTHON" tools/train_tokenizer.py --input "$OUT/documents.jsonl" --output-dir "$OUT/tokenizer"
+
+echo "== 3. JSONL -> Megatron indexed dataset (2 workers, 2 partitions)"
+"$PYTHON" tools/preprocess_data.py --input "$OUT/documents.jsonl" --output-prefix "$OUT/data/pubmed" \
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/tokenizer" --append-eod \
+    --workers 2 --partitions 2 --chunk-size-mb 0.25
+"$PYTHON" tools/preprocess_data.py --input "$OUT/documents.jsonl" --output-prefix "$OUT/data/pubmed" \
+    --tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" \
+    --merge-file "$OUT/tokenizer/merges.txt" --split-sentences --append-eod --no-progress
+
+echo "== 4. read back with megatron-core's IndexedDataset"
+"$PYTHON" - "$OUT" <<'PY'
+import sys, warnings
+warnings.filterwarnings("ignore")
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from transformers import GPT2TokenizerFast
+out = sys.argv[1]
+tok = GPT2TokenizerFast.from_pretrained(f"{out}/tokenizer")
+for level in ("document", "sentence"):
+    ds = IndexedDataset(f"{out}/data/pubmed_text_{level}")
+    ids = open(f"{out}/data/pubmed_text_{level}.ids").read().split()
+    print(f"pubmed_text_{level}: {len(ds.document_indices) - 1} documents, {len(ds)} sequences, "
+          f"{int(ds.sequence_lengths.sum())} tokens, dtype {ds.index.dtype.__name__}")
+    print(f"  first sequence ({ids[0]}): {tok.decode(ds[0][:40])!r}...")
+PY
+echo "== outputs"
+find "$OUT" -type f | sort | xargs ls -l

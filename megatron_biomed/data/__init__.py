@@ -1,0 +1,1 @@
+"""Data pipeline: PubMed/PMC XML -> JSONL documents -> BPE tokenizer -> Megatron .bin/.idx."""

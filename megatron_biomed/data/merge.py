@@ -1,0 +1,34 @@
+"""Merge Megatron indexed datasets (tools/merge_datasets.py), document-id files included."""
+import argparse
+import os
+import sys
+
+from megatron_biomed.data import indexed
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Concatenate every .bin/.idx dataset in --input (sorted by name, as "
+                    "Megatron-LM's merge_datasets.py does) into --output-prefix; .ids files are "
+                    "merged too when every input has one.")
+    p.add_argument("--input", required=True, help="directory holding the datasets to merge")
+    p.add_argument("--output-prefix", required=True, help="path prefix of the merged dataset")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if not os.path.isdir(args.input):
+            raise FileNotFoundError(f"--input {args.input} is not a directory")
+        prefixes = [p for p in indexed.find_prefixes(args.input)
+                    if os.path.abspath(p) != os.path.abspath(args.output_prefix)]
+        if not prefixes:
+            raise FileNotFoundError(f"no .bin/.idx datasets in {args.input}")
+        w = indexed.merge_datasets(prefixes, args.output_prefix)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {len(prefixes)} datasets: {w.num_documents:,} documents, {w.num_tokens:,} tokens "
+          f"-> {args.output_prefix}.bin/.idx", file=sys.stderr)
+    return 0

@@ -1,0 +1,404 @@
+"""JSONL documents -> Megatron indexed datasets (tools/preprocess_data.py).
+
+Same flags and output names as Megatron-LM's tools/preprocess_data.py. How it is fast and
+bounded: the input is cut into byte ranges on line boundaries; worker processes each read a
+range, parse it and encode all its documents in one `encode_batch_fast` call of the Rust
+tokenizer, and send back packed numpy token arrays, which the writer appends in input order.
+Nothing holds more than a few ranges at a time. With --partitions P, P writer processes each
+take a contiguous share of the input and their outputs are concatenated at the end, so the
+result is identical to a single-partition run.
+"""
+import argparse
+import glob
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_biomed.data import indexed
+from megatron_biomed.utils import progress
+
+
+class PreprocessError(Exception):
+    pass
+
+
+@dataclass
+class Chunk:
+    path: str
+    start: int
+    end: int
+    first_line: int  # 1-based line number of the first line in the range
+
+
+@dataclass
+class EncodeConfig:
+    json_keys: tuple
+    tokenizer_type: str
+    vocab_file: str = None
+    merge_file: str = None
+    tokenizer_model: str = None
+    append_eod: bool = False
+    split_sentences: bool = False
+    keep_newlines: bool = False
+    sentence_splitter: str = None
+    id_key: str = "id"
+    threads_per_worker: int = 0  # 0: let the Rust tokenizer use every core
+
+
+def plan_chunks(paths, chunk_bytes=8 << 20):
+    """Cut the input files into ranges of about `chunk_bytes` that end at a line break."""
+    chunks = []
+    for path in paths:
+        with open(path, "rb") as f:
+            pos, line, carry = 0, 1, b""
+            start, start_line = 0, 1
+            while True:
+                block = f.read(chunk_bytes)
+                if not block:
+                    break
+                cut = block.rfind(b"\n")
+                if cut < 0:
+                    pos += len(block)
+                    continue
+                line_count = block.count(b"\n", 0, cut + 1)
+                end = pos + cut + 1
+                line += line_count
+                chunks.append(Chunk(path, start, end, start_line))
+                start, start_line = end, line
+                pos += len(block)
+            size = f.tell()
+            if size > start:
+                chunks.append(Chunk(path, start, size, start_line))
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------
+# Worker side
+# ------------------------------------------------------------------------------------------
+_W = {}
+
+
+def init_worker(config):
+    if config.threads_per_worker:
+        os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(config.threads_per_worker)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from megatron_biomed.data import tokenizer as T
+    tok = T.load_tokenizer(config.tokenizer_type, config.vocab_file, config.merge_file,
+                           config.tokenizer_model)
+    _W.clear()
+    _W.update(config=config, tok=tok, eod=T.eod_id(tok) if config.append_eod else None,
+              dtype=indexed.optimal_dtype(tok.get_vocab_size(with_added_tokens=True)))
+    if config.split_sentences:
+        from megatron_biomed.data.sentences import load_splitter
+        _W["splitter"] = load_splitter(config.sentence_splitter)
+
+
+def _line_of(data, offset, first_line):
+    return first_line + data.count(b"\n", 0, offset)
+
+
+def encode_chunk(chunk):
+    """Encode one byte range; returns (stats, {key: (tokens, seq_lengths, seqs_per_doc)}, ids)."""
+    cfg, tok, eod = _W["config"], _W["tok"], _W["eod"]
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.start)
+        data = f.read(chunk.end - chunk.start)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PreprocessError(f"{chunk.path}:{_line_of(data, e.start, chunk.first_line)}: "
+                              f"not UTF-8 (byte 0x{data[e.start]:02x})") from None
+    docs, ids = [], []
+    for n, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        where = f"{chunk.path}:{chunk.first_line + n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PreprocessError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(record, dict):
+            raise PreprocessError(f"{where}: a JSON object per line is expected")
+        for key in cfg.json_keys:
+            if not isinstance(record.get(key), str):
+                raise PreprocessError(f"{where}: record has no string field {key!r}"
+                                      f" (record id {record.get(cfg.id_key)!r})")
+        docs.append(record)
+        doc_id = record.get(cfg.id_key)
+        ids.append(str(doc_id) if doc_id is not None else f"{os.path.basename(chunk.path)}:{chunk.first_line + n}")
+    out, stats = {}, {"docs": len(docs), "bytes": len(data), "empty": 0, "tokens": 0}
+    keep_all = np.ones(len(docs), dtype=bool)
+    for key in cfg.json_keys:
+        texts = [d[key] for d in docs]
+        if cfg.split_sentences:
+            splitter = _W["splitter"]
+            sentences = [splitter.split(t, cfg.keep_newlines) for t in texts]
+            flat = list(itertools.chain.from_iterable(sentences))
+            counts = [len(s) for s in sentences]
+        else:
+            flat, counts = texts, [1] * len(texts)
+        encs = tok.encode_batch_fast(flat, add_special_tokens=False) if flat else []
+        seqs = [e.ids for e in encs]
+        # Regroup sequences by document, dropping empty ones and appending EOD to the last.
+        seq_lengths, per_doc, pieces = [], [], []
+        i = 0
+        for c in counts:
+            doc_seqs = [s for s in seqs[i:i + c] if s]
+            i += c
+            if eod is not None:
+                if doc_seqs:
+                    doc_seqs[-1] = doc_seqs[-1] + [eod]
+                else:
+                    doc_seqs = [[eod]]
+            per_doc.append(len(doc_seqs))
+            seq_lengths.extend(len(s) for s in doc_seqs)
+            pieces.extend(doc_seqs)
+        per_doc = np.asarray(per_doc, dtype=np.int64)
+        keep_all &= per_doc > 0
+        total = sum(seq_lengths)
+        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=_W["dtype"], count=total)
+        out[key] = (tokens, np.asarray(seq_lengths, dtype=np.int32), per_doc)
+        stats["tokens"] += total
+    if not keep_all.all():
+        # A document with no tokens under some key is dropped under every key, so that all
+        # keys' datasets (and the .ids file) stay aligned document for document.
+        stats["empty"] = int((~keep_all).sum())
+        for key, (tokens, lengths, per_doc) in out.items():
+            keep_seq = np.repeat(keep_all, per_doc)
+            keep_tok = np.repeat(keep_seq, lengths)
+            out[key] = (tokens[keep_tok], lengths[keep_seq], per_doc[keep_all])
+        ids = [x for x, k in zip(ids, keep_all) if k]
+    stats["docs"] -= stats["empty"]
+    return stats, out, ids
+
+
+# ------------------------------------------------------------------------------------------
+# Writer side
+# ------------------------------------------------------------------------------------------
+def output_prefix_for(prefix, key, split_sentences):
+    return f"{prefix}_{key}_{'sentence' if split_sentences else 'document'}"
+
+
+def encode_partition(chunks, prefix, config, workers, dtype, on_progress=None):
+    """Encode `chunks` in order into `{prefix}_{key}_{level}` datasets; returns totals."""
+    writers = {k: indexed.IndexedDatasetWriter(output_prefix_for(prefix, k, config.split_sentences), dtype)
+               for k in config.json_keys}
+    totals = {"docs": 0, "tokens": 0, "empty": 0, "bytes": 0}
+    pool = None
+    try:
+        if workers <= 1:
+            init_worker(config)
+            results = map(encode_chunk, chunks)
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers, init_worker, (config,))
+            results = pool.imap(encode_chunk, chunks)
+        for stats, out, ids in results:
+            for key, (tokens, lengths, per_doc) in out.items():
+                writers[key].add_documents(tokens, lengths, per_doc, ids)
+            for k in totals:
+                totals[k] += stats[k]
+            if on_progress:
+                on_progress(stats)
+        for w in writers.values():
+            w.finalize()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return totals
+
+
+def _partition_main(chunks, prefix, config, workers, dtype, counter, errors):
+    try:
+        def bump(stats):
+            with counter.get_lock():
+                counter.value += stats["bytes"]
+        totals = encode_partition(chunks, prefix, config, workers, dtype, bump)
+        errors.put(("ok", totals))
+    except BaseException as e:  # reported to the parent, which cleans up
+        errors.put(("error", str(e) if isinstance(e, PreprocessError) else f"{type(e).__name__}: {e}"))
+        raise SystemExit(1)
+
+
+def split_partitions(chunks, n):
+    """`n` contiguous groups of chunks with about equal bytes."""
+    sizes = np.array([c.end - c.start for c in chunks], dtype=np.int64)
+    bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, sizes.sum(), n + 1)[1:-1], side="right")
+    edges = [0, *bounds.tolist(), len(chunks)]
+    return [chunks[a:b] for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def preprocess(inputs, output_prefix, config, workers=1, partitions=1, chunk_bytes=8 << 20,
+               show_progress=True, log=sys.stderr):
+    paths = []
+    for pattern in inputs:
+        matched = sorted(glob.glob(pattern))
+        if not matched:
+            raise FileNotFoundError(f"input not found: {pattern}")
+        paths.extend(matched)
+    from megatron_biomed.data import tokenizer as T
+    tok = T.load_tokenizer(config.tokenizer_type, config.vocab_file, config.merge_file,
+                           config.tokenizer_model)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    if config.append_eod:
+        T.eod_id(tok)
+    if config.split_sentences:
+        if not config.sentence_splitter:
+            raise ValueError("--split-sentences needs a sentence splitter: pass --sentence-splitter "
+                             "or keep sentence_splitter.json beside the tokenizer files")
+        if not os.path.isfile(config.sentence_splitter):
+            raise FileNotFoundError(f"sentence splitter not found: {config.sentence_splitter} "
+                                    "(tools/train_tokenizer.py writes it)")
+    dtype = indexed.optimal_dtype(vocab_size)
+    chunks = plan_chunks(paths, chunk_bytes)
+    total_bytes = sum(c.end - c.start for c in chunks)
+    bar = progress(total=total_bytes, unit="B", unit_scale=True, desc="encoding",
+                   disable=not show_progress)
+    t0 = time.time()
+    seen = {"docs": 0, "tokens": 0}
+
+    def on_progress(stats):
+        seen["docs"] += stats["docs"]
+        seen["tokens"] += stats["tokens"]
+        dt = max(time.time() - t0, 1e-9)
+        bar.update(stats["bytes"])
+        bar.set_postfix_str(f"{seen['docs'] / dt:,.0f} docs/s, {seen['tokens'] / dt:,.0f} tokens/s",
+                            refresh=False)
+
+    if partitions <= 1 or len(chunks) < 2:
+        totals = encode_partition(chunks, output_prefix, config, workers, dtype, on_progress)
+    else:
+        totals = _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, bar)
+    bar.close()
+    totals["seconds"] = time.time() - t0
+    totals["vocab_size"] = vocab_size
+    totals["dtype"] = np.dtype(dtype).name
+    return totals
+
+
+def _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, bar):
+    groups = split_partitions(chunks, partitions)
+    per_partition = max(1, workers // len(groups))
+    directory = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output_prefix) + ".partitions.", dir=directory)
+    ctx = multiprocessing.get_context("spawn")
+    counter, queue = ctx.Value("q", 0), ctx.Queue()
+    procs = []
+    try:
+        for i, group in enumerate(groups):
+            p = ctx.Process(target=_partition_main, args=(
+                group, os.path.join(tmp, f"part{i:04d}"), config, per_partition, dtype, counter, queue))
+            p.start()
+            procs.append(p)
+        outcomes, shown = [], 0
+        while len(outcomes) < len(procs):
+            try:
+                outcomes.append(queue.get(timeout=0.5))
+            except Exception:  # queue.Empty: refresh the bar, check for dead processes
+                if any(p.exitcode not in (None, 0) for p in procs) and queue.empty():
+                    time.sleep(0.5)
+                    if queue.empty():
+                        raise PreprocessError("a partition process died without reporting")
+            bar.update(counter.value - shown)
+            shown = counter.value
+        errors = [msg for status, msg in outcomes if status == "error"]
+        if errors:
+            raise PreprocessError(errors[0])
+        for p in procs:
+            p.join()
+        totals = {"docs": 0, "tokens": 0, "empty": 0, "bytes": 0}
+        for _, t in outcomes:
+            for k in totals:
+                totals[k] += t[k]
+        for key in config.json_keys:
+            parts = [output_prefix_for(os.path.join(tmp, f"part{i:04d}"), key, config.split_sentences)
+                     for i in range(len(groups))]
+            indexed.merge_datasets(parts, output_prefix_for(output_prefix, key, config.split_sentences))
+        return totals
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Tokenize JSONL documents into Megatron indexed datasets "
+                    "{output-prefix}_{key}_document.bin/.idx (+ .ids: the document id of every "
+                    "document, in order). Flags follow Megatron-LM's tools/preprocess_data.py.")
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="JSONL file(s) or glob pattern(s), one JSON object per line")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from the JSON")
+    g.add_argument("--id-key", default="id", help="key holding the document id written to .ids")
+    g.add_argument("--split-sentences", action="store_true", help="split documents into sentences")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="keep newlines (and all whitespace) between sentences when splitting")
+    g.add_argument("--sentence-splitter", help="sentence splitter JSON (default: "
+                   "sentence_splitter.json beside the tokenizer files)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=["GPT2BPETokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--vocab-file", help="vocab.json (GPT2BPETokenizer)")
+    g.add_argument("--merge-file", help="merges.txt (GPT2BPETokenizer)")
+    g.add_argument("--tokenizer-model", help="directory with tokenizer.json, or the file (HuggingFaceTokenizer)")
+    g.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="worker processes encoding in parallel")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="independent writer processes over contiguous shares of the input, merged "
+                        "at the end (the output is the same as with 1)")
+    g.add_argument("--log-interval", type=int, default=1000,
+                   help="accepted for Megatron compatibility; progress is a live bar")
+    g.add_argument("--chunk-size-mb", type=float, default=8.0, help="input bytes per worker task")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    splitter = args.sentence_splitter
+    if args.split_sentences and not splitter:
+        base = args.tokenizer_model if args.tokenizer_type == "HuggingFaceTokenizer" else args.vocab_file
+        if base:
+            base = base if os.path.isdir(base) else os.path.dirname(os.path.abspath(base))
+            splitter = os.path.join(base, "sentence_splitter.json")
+    config = EncodeConfig(
+        json_keys=tuple(args.json_keys), tokenizer_type=args.tokenizer_type,
+        vocab_file=args.vocab_file, merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
+        append_eod=args.append_eod, split_sentences=args.split_sentences,
+        keep_newlines=args.keep_newlines, sentence_splitter=splitter, id_key=args.id_key,
+        threads_per_worker=1 if args.workers > 1 else 0)
+    try:
+        totals = preprocess(args.input, args.output_prefix, config, args.workers, args.partitions,
+                            int(args.chunk_size_mb * (1 << 20)), show_progress=not args.no_progress)
+    except (PreprocessError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    dt = max(totals["seconds"], 1e-9)
+    print(f"encoded {totals['docs']:,} documents, {totals['tokens']:,} tokens in {dt:.1f}s "
+          f"({totals['docs'] / dt:,.0f} docs/s, {totals['tokens'] / dt:,.0f} tokens/s); "
+          f"vocabulary {totals['vocab_size']:,} -> {totals['dtype']}"
+          + (f"; {totals['empty']:,} empty documents skipped" if totals["empty"] else ""),
+          file=sys.stderr)
+    for key in args.json_keys:
+        prefix = output_prefix_for(args.output_prefix, key, args.split_sentences)
+        for path in indexed.dataset_paths(prefix):
+            print(path)
+    return 0

@@ -1,0 +1,41 @@
+"""Small helpers shared by the tools: atomic outputs and progress bars."""
+import contextlib
+import os
+import sys
+import tempfile
+
+from tqdm.auto import tqdm
+
+
+@contextlib.contextmanager
+def atomic_output(path, mode="wb", **kwargs):
+    """Write to a temp file beside `path`; rename onto `path` only if the block succeeds.
+
+    An interrupted or failing writer therefore never leaves a truncated file under the final
+    name (the rename is atomic on POSIX file systems).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a plain open() would give
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def progress(**kwargs):
+    """A tqdm bar on stderr; quiet when not a terminal unless asked (keeps CI logs short)."""
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("mininterval", 1.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(**kwargs)
