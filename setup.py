@@ -18,6 +18,7 @@ setup(
         "numpy",
         "nltk>=3.8",
         "tokenizers>=0.20",
+        "tiktoken>=0.6",  # fast exact BPE for GPT-2-style vocabularies (no download: built from our files)
         "transformers>=4.40",
         "lxml>=4.9",
         "tqdm",

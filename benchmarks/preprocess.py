@@ -3,8 +3,8 @@
 
 Corpus: generated PubMed-like JSONL (default 200 MB). Baseline (Megatron-LM's approach):
 megatron-core's `IndexedDatasetBuilder` fed one document at a time, each encoded on its own by
-the GPT-2 BPE tokenizer Megatron uses for `--tokenizer-type GPT2BPETokenizer` (megatron-core's
-MegatronHFTokenizer loads transformers' GPT2Tokenizer with use_fast=False, a Python BPE).
+the GPT-2 BPE tokenizer Megatron-LM uses for `--tokenizer-type GPT2BPETokenizer` (
+Megatron-LM's gpt2_tokenization.py, a pure-Python BPE; re-implemented here as PythonGPT2BPE).
 A second, stricter reference feeds the builder the same way but encodes each document with the
 Rust tokenizer we use (`Tokenizer.encode`). Ours: tools/preprocess_data.py with 1 and 2
 workers. Prints a table with ratios to the baseline and checks that every run wrote
@@ -37,6 +37,56 @@ def make_corpus(path, megabytes):
     os.replace(tmp, path)
 
 
+class PythonGPT2BPE:
+    """GPT-2's byte-level BPE in pure Python: the algorithm of Megatron-LM's GPT2BPETokenizer
+    (megatron/training/tokenizer/gpt2_tokenization.py): regex pre-tokenization, bytes mapped to
+    printable characters, then the lowest-ranked adjacent pair merged until none is left, with
+    a per-word cache. Re-implemented here; the byte-identical check below verifies it."""
+
+    PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+    def __init__(self, vocab_file, merges_file):
+        import regex
+        with open(vocab_file, encoding="utf-8") as f:
+            self.vocab = json.load(f)
+        with open(merges_file, encoding="utf-8") as f:
+            pairs = [tuple(line.split()) for line in f.read().split("\n")[1:] if line]
+        self.ranks = {p: i for i, p in enumerate(pairs)}
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        extra = iter(range(256, 512))
+        self.byte_char = {b: chr(b if b in printable else next(extra)) for b in range(256)}
+        self.pattern = regex.compile(self.PATTERN)
+        self.cache = {}
+
+    def _bpe(self, word):
+        parts = list(word)
+        while len(parts) > 1:
+            ranked = [(self.ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, _ = min(ranked)
+            if best == float("inf"):
+                break
+            first, second = parts[min(ranked)[1]], parts[min(ranked)[1] + 1]
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def encode(self, text):
+        ids = []
+        for piece in self.pattern.findall(text):
+            word = "".join(self.byte_char[b] for b in piece.encode("utf-8"))
+            if word not in self.cache:
+                self.cache[word] = [self.vocab[t] for t in self._bpe(word)]
+            ids.extend(self.cache[word])
+        return ids
+
+
 def baseline(corpus, tok_dir, prefix, python_bpe):
     """Megatron-LM's way: encode each document separately, add it to IndexedDatasetBuilder."""
     warnings.filterwarnings("ignore")
@@ -44,12 +94,8 @@ def baseline(corpus, tok_dir, prefix, python_bpe):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     if python_bpe:
-        from transformers import GPT2Tokenizer
-        slow = GPT2Tokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"))
-        eod = slow.convert_tokens_to_ids(tokenizer.EOD_TOKEN)
-
-        def encode(text):
-            return slow.convert_tokens_to_ids(slow.tokenize(text))
+        bpe = PythonGPT2BPE(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"))
+        eod, encode = bpe.vocab[tokenizer.EOD_TOKEN], bpe.encode
     else:
         tok = tokenizer.load_tokenizer("HuggingFaceTokenizer", tokenizer_model=tok_dir)
         eod = tokenizer.eod_id(tok)

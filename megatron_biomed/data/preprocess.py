@@ -94,7 +94,8 @@ def init_worker(config):
     tok = T.load_tokenizer(config.tokenizer_type, config.vocab_file, config.merge_file,
                            config.tokenizer_model)
     _W.clear()
-    _W.update(config=config, tok=tok, eod=T.eod_id(tok) if config.append_eod else None,
+    _W.update(config=config, tok=tok, encoder=T.BatchEncoder(tok, config.threads_per_worker),
+              eod=T.eod_id(tok) if config.append_eod else None, checked=False,
               dtype=indexed.optimal_dtype(tok.get_vocab_size(with_added_tokens=True)))
     if config.split_sentences:
         from megatron_biomed.data.sentences import load_splitter
@@ -107,7 +108,7 @@ def _line_of(data, offset, first_line):
 
 def encode_chunk(chunk):
     """Encode one byte range; returns (stats, {key: (tokens, seq_lengths, seqs_per_doc)}, ids)."""
-    cfg, tok, eod = _W["config"], _W["tok"], _W["eod"]
+    cfg, eod = _W["config"], _W["eod"]
     with open(chunk.path, "rb") as f:
         f.seek(chunk.start)
         data = f.read(chunk.end - chunk.start)
@@ -145,8 +146,10 @@ def encode_chunk(chunk):
             counts = [len(s) for s in sentences]
         else:
             flat, counts = texts, [1] * len(texts)
-        encs = tok.encode_batch_fast(flat, add_special_tokens=False) if flat else []
-        seqs = [e.ids for e in encs]
+        if not _W["checked"]:
+            _W["encoder"].self_check(flat[:64])
+            _W["checked"] = True
+        seqs = _W["encoder"].encode(flat)
         # Regroup sequences by document, dropping empty ones and appending EOD to the last.
         seq_lengths, per_doc, pieces = [], [], []
         i = 0

@@ -31,13 +31,39 @@ _TEMPLATES = (
     "We described {T1} in {G} from {K} centers in Europe and Asia.",
     "Samples were described in detail elsewhere; {K} centers contributed {N} {G}.",
 )
+_EXTRA = (
+    "Expression of {GENE} and {GENE} was quantified by {WORD} assays.",
+    "{WORD} {WORD} of {GENE} was observed after {X} h of exposure to {WORD}.",
+    "The {WORD} pathway involving {GENE} ({X} ± {X2}) may explain {WORD} in {G}.",
+)
+_SYLLABLES = ("hy", "dro", "xy", "me", "thyl", "ami", "no", "phos", "pho", "ryl", "ase", "cyto",
+              "kine", "gen", "ic", "lipo", "pro", "tein", "neuro", "endo", "the", "lial", "osis",
+              "itis", "glyco", "sul", "fate", "car", "dio", "myo", "path", "y", "trans", "ferase",
+              "oxi", "dase", "immuno", "globu", "lin", "nephro", "hepato", "toxic", "ity", "vas")
+
+
+def rare_word(rng):
+    """Zipf-distributed pseudo-terms: PubMed's long tail of rare words, as real text has."""
+    r = random.Random(int(rng.paretovariate(0.8)) % 300_000)
+    return "".join(r.choice(_SYLLABLES) for _ in range(r.randint(2, 5)))
+
+
+def gene(rng):
+    r = random.Random(int(rng.paretovariate(0.8)) % 50_000)
+    letters = "".join(r.choice("ABCDEFGHIKLMNPRSTVWXYZ") for _ in range(r.randint(2, 4)))
+    return letters + str(r.randint(1, 40)) if r.random() < 0.8 else letters.capitalize()
+
+
 LABELS = ("BACKGROUND", "METHODS", "RESULTS", "CONCLUSIONS")
 JOURNALS = ("J Biol Chem", "Lancet", "N Engl J Med", "PLoS One", "BMC Med", "Nat Med")
 
 
 def sentence(rng):
-    t = rng.choice(_TEMPLATES)
-    return t.format(T1=rng.choice(_TERMS), T2=rng.choice(_TERMS), V=rng.choice(_VERBS),
+    t = rng.choice(_TEMPLATES) if rng.random() < 0.7 else rng.choice(_EXTRA)
+    while "{GENE}" in t or "{WORD}" in t:
+        t = t.replace("{GENE}", gene(rng), 1).replace("{WORD}", rare_word(rng), 1)
+    return t.format(X=round(rng.uniform(0.1, 48), 1), X2=round(rng.uniform(0.01, 5), 2),
+                    T1=rng.choice(_TERMS), T2=rng.choice(_TERMS), V=rng.choice(_VERBS),
                     G=rng.choice(_GROUPS), N=rng.randint(12, 4000), N2=rng.randint(2, 60),
                     D=rng.choice((0.5, 1, 2.5, 10)), P=rng.randint(1, 5), K=rng.randint(2, 40),
                     Y=rng.randint(1990, 2023), O=round(rng.uniform(0.3, 3), 2),

@@ -84,3 +84,80 @@ def eod_id(tok):
     if i is None:
         raise ValueError(f"tokenizer has no {EOD_TOKEN} token, needed for --append-eod")
     return i
+
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode():
+    """GPT-2's map from bytes to the printable characters vocab.json spells tokens with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+class BatchEncoder:
+    """Encodes batches of texts to token id lists, exactly as the `tokenizers` Tokenizer does.
+
+    For a GPT-2-style byte-level BPE whose merged tokens are numbered in merge order (what
+    `train_bpe` and GPT-2 produce) it runs tiktoken's BPE, about 4x faster per core than
+    `tokenizers` on PubMed-like text; BPE by merge rank and by token rank then give the same
+    result (tiktoken builds its GPT-2 encoding from vocab/merges this way). Anything else, or a
+    self-check mismatch, uses `tokenizers` itself.
+    """
+
+    def __init__(self, tok, threads=0):
+        self.tok, self.threads = tok, threads or os.cpu_count() or 1
+        self.fast = self._tiktoken_encoding(tok)
+        self.special = {t.content for t in tok.get_added_tokens_decoder().values()}
+
+    @staticmethod
+    def _tiktoken_encoding(tok):
+        try:
+            import tiktoken
+        except ImportError:
+            return None
+        spec = json.loads(tok.to_str())
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        if (model.get("type") != "BPE" or spec.get("normalizer") is not None
+                or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
+                or not pre.get("use_regex", True) or model.get("dropout")
+                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
+            return None
+        vocab = model["vocab"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        try:
+            ranks = {bytes(char_byte[c] for c in t): i for t, i in vocab.items()}
+            last = -1
+            for a, b in merges:  # merged tokens must be numbered in merge order
+                i = vocab[a + b]
+                if i <= last:
+                    return None
+                last = i
+        except KeyError:
+            return None
+        if len(ranks) != len(vocab):
+            return None
+        specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+        return tiktoken.Encoding("megatron_biomed_bpe", pat_str=GPT2_PATTERN,
+                                 mergeable_ranks=ranks, special_tokens=specials)
+
+    def self_check(self, texts):
+        """Compare with `tokenizers` on sample texts; fall back to it on any difference."""
+        if self.fast is not None and texts and self._encode_fast(texts) != self._encode_hf(texts):
+            self.fast = None
+        return self.fast is not None
+
+    def _encode_fast(self, texts):
+        return self.fast.encode_batch(texts, num_threads=self.threads, allowed_special=self.special
+                                      if self.special else set())
+
+    def _encode_hf(self, texts):
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode(self, texts):
+        if not texts:
+            return []
+        return self._encode_fast(texts) if self.fast is not None else self._encode_hf(texts)

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import shutil
 import sys
 
 from megatron_biomed.data import sentences, tokenizer
@@ -61,21 +62,24 @@ def main(argv=None):
     if args.vocab_size < 257:
         print("error: --vocab-size must be at least 257 (256 bytes + <|endoftext|>)", file=sys.stderr)
         return 1
+    tmp_dir = args.output_dir.rstrip("/") + ".tmp"
     try:
         texts = iter_texts(args.input, args.json_keys, args.max_documents)
         bar = progress(desc="documents", unit=" docs", disable=args.no_progress)
         counted = (bar.update(1) or t for t in texts)
         tok = tokenizer.train_bpe(counted, args.vocab_size, args.min_frequency, show_progress=False)
         bar.close()
-        tmp_dir = args.output_dir.rstrip("/") + ".tmp"
         tokenizer.save_tokenizer(tok, tmp_dir, args.model_max_length)
         if not args.no_sentence_splitter:
             params = sentences.train_splitter(iter_texts(args.input, args.json_keys, args.max_documents),
                                               args.splitter_max_chars)
             sentences.save_splitter(params, os.path.join(tmp_dir, sentences.SPLITTER_FILE))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except BaseException as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(e, (ValueError, UnicodeDecodeError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
     os.makedirs(args.output_dir, exist_ok=True)
     for name in sorted(os.listdir(tmp_dir)):
         os.replace(os.path.join(tmp_dir, name), os.path.join(args.output_dir, name))

@@ -1,0 +1,183 @@
+import filecmp
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import run_tool, write_jsonl
+from megatron_biomed.data import indexed, synthetic
+
+warnings.filterwarnings("ignore")
+
+
+def megatron_dataset(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    return IndexedDataset(str(prefix))
+
+
+def docs_with_edge_cases(n=400):
+    docs = list(synthetic.pubmed_like_documents(n, seed=11))
+    docs[3]["text"] = "Unicode: αβγ µg/kg, “quotes”, 中文, 🧬 and <|endoftext|> inside."
+    docs[5]["text"] = "Line one.\n\nLine two after a blank line.\tTabbed."
+    docs[7]["text"] = ""  # empty: skipped with no --append-eod? kept with EOD only
+    return docs
+
+
+def hf_ids(tok_dir, texts):
+    from transformers import GPT2TokenizerFast
+    fast = GPT2TokenizerFast.from_pretrained(tok_dir)
+    return [fast.encode(t) for t in texts]
+
+
+def preprocess(tok_dir, inp, prefix, *extra, check=0):
+    return run_tool("preprocess_data", "--input", inp, "--output-prefix", prefix,
+                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok_dir,
+                    "--no-progress", *extra, check=check)
+
+
+def test_megatron_core_reads_our_tokens_exactly(trained_tokenizer, tmp_path):
+    docs = docs_with_edge_cases()
+    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
+    r = preprocess(trained_tokenizer, inp, tmp_path / "out", "--append-eod")
+    assert str(tmp_path / "out_text_document.bin") in r.stdout
+    ds = megatron_dataset(tmp_path / "out_text_document")
+    expected = [ids + [999] for ids in hf_ids(trained_tokenizer, [d["text"] for d in docs])]
+    assert len(ds) == len(docs) and ds.index.dtype == np.uint16
+    assert list(ds.document_indices) == list(range(len(docs) + 1))
+    for i, ids in enumerate(expected):
+        assert ds[i].tolist() == ids
+    assert (tmp_path / "out_text_document.ids").read_text().split("\n")[:-1] == [d["id"] for d in docs]
+
+
+def test_bytes_equal_megatron_core_builder(trained_tokenizer, tmp_path):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    docs = docs_with_edge_cases(200)
+    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
+    preprocess(trained_tokenizer, inp, tmp_path / "ours", "--append-eod")
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for ids in hf_ids(trained_tokenizer, [d["text"] for d in docs]):
+        builder.add_item(torch.IntTensor(ids + [999]))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "ref.idx"))
+    for ext in (".bin", ".idx"):
+        assert filecmp.cmp(tmp_path / f"ours_text_document{ext}", tmp_path / f"ref{ext}", shallow=False)
+
+
+def test_workers_and_partitions_give_identical_files(trained_tokenizer, tmp_path):
+    docs = list(synthetic.pubmed_like_documents(3000, seed=12))
+    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
+    preprocess(trained_tokenizer, inp, tmp_path / "one", "--append-eod")
+    preprocess(trained_tokenizer, inp, tmp_path / "many", "--append-eod", "--workers", 2,
+               "--partitions", 3, "--chunk-size-mb", 0.2)
+    for ext in (".bin", ".idx", ".ids"):
+        assert filecmp.cmp(tmp_path / f"one_text_document{ext}", tmp_path / f"many_text_document{ext}",
+                           shallow=False), ext
+    ds = megatron_dataset(tmp_path / "many_text_document")
+    assert len(ds) == 3000
+    assert ds[2999].tolist() == hf_ids(trained_tokenizer, [docs[-1]["text"]])[0] + [999]
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    assert leftovers == []
+
+
+def test_split_sentences_offline_and_keep_newlines(trained_tokenizer, tmp_path):
+    docs = [{"id": "PMID:1", "text": "Title here\nBACKGROUND: Dose was 5 mg i.v. daily. It worked."},
+            {"id": "PMID:2", "text": "As Smith et al. showed, approx. 10 died.\n\nCONCLUSIONS: Fine."}]
+    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
+    r = run_tool("preprocess_data", "--input", inp, "--output-prefix", tmp_path / "s",
+                 "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", trained_tokenizer / "vocab.json",
+                 "--merge-file", trained_tokenizer / "merges.txt", "--split-sentences", "--append-eod",
+                 "--keep-newlines", "--no-progress", check=0)
+    assert str(tmp_path / "s_text_sentence.idx") in r.stdout
+    ds = megatron_dataset(tmp_path / "s_text_sentence")
+    assert list(ds.document_indices) == [0, 3, 5]
+    from transformers import GPT2TokenizerFast
+    fast = GPT2TokenizerFast.from_pretrained(trained_tokenizer)
+    sentences = [fast.decode(ds[i]) for i in range(len(ds))]
+    assert sentences[:3] == ["Title here\n", "BACKGROUND: Dose was 5 mg i.v. daily. ", "It worked.<|endoftext|>"]
+    assert "".join(sentences[3:]) == docs[1]["text"] + "<|endoftext|>"
+    assert sentences[3] == "As Smith et al. showed, approx. 10 died.\n\n"
+
+
+def test_empty_documents_skipped_without_eod(trained_tokenizer, tmp_path):
+    docs = [{"id": "a", "text": "Some text."}, {"id": "b", "text": ""}, {"id": "c", "text": "More."}]
+    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
+    r = preprocess(trained_tokenizer, inp, tmp_path / "o")
+    assert "1 empty documents skipped" in r.stderr
+    assert (tmp_path / "o_text_document.ids").read_text() == "a\nc\n"
+    assert len(megatron_dataset(tmp_path / "o_text_document")) == 2
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"id": "x", "text": "unterminated}', "malformed JSON"),
+    ('{"id": "x", "body": "no text key"}', "record has no string field 'text' (record id 'x')"),
+    ('["not", "an", "object"]', "a JSON object per line is expected"),
+])
+def test_bad_records_named_and_nothing_written(trained_tokenizer, tmp_path, line, message):
+    docs = list(synthetic.pubmed_like_documents(50))
+    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
+    with open(inp, "a") as f:
+        f.write(line + "\n")
+    r = preprocess(trained_tokenizer, inp, tmp_path / "out" / "p", "--workers", 2, "--partitions", 2,
+                   "--chunk-size-mb", 0.01, check=1)
+    assert f"{inp}:51: {message}" in r.stderr
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_non_utf8_named(trained_tokenizer, tmp_path):
+    inp = tmp_path / "docs.jsonl"
+    inp.write_bytes(b'{"id": "1", "text": "ok"}\n{"id": "2", "text": "caf\xe9"}\n')
+    r = preprocess(trained_tokenizer, inp, tmp_path / "p", check=1)
+    assert f"{inp}:2: not UTF-8 (byte 0xe9)" in r.stderr
+    assert not any(n.startswith("p_") for n in os.listdir(tmp_path))
+
+
+def test_merge_datasets_tool_and_int32_datasets(trained_tokenizer, tmp_path):
+    docs = list(synthetic.pubmed_like_documents(300, seed=4))
+    whole = write_jsonl(tmp_path / "all.jsonl", docs)
+    preprocess(trained_tokenizer, whole, tmp_path / "whole", "--append-eod")
+    shards = tmp_path / "shards"
+    for i, part in enumerate((docs[:120], docs[120:])):
+        preprocess(trained_tokenizer, write_jsonl(tmp_path / f"p{i}.jsonl", part), shards / f"slice_{i:03d}", "--append-eod")
+    run_tool("merge_datasets", "--input", shards, "--output-prefix", tmp_path / "merged", check=0)
+    for ext in (".bin", ".idx", ".ids"):
+        assert filecmp.cmp(tmp_path / f"whole_text_document{ext}", tmp_path / f"merged{ext}", shallow=False)
+    # Vocabularies of 65,500 and more are stored as int32, and megatron-core reads them back.
+    with indexed.IndexedDatasetWriter(str(tmp_path / "big"), indexed.optimal_dtype(100_000)) as w:
+        w.add_documents(np.array([70_000, 1, 2, 99_999]), [3, 1], [2], ids=["PMC1"])
+    ds = megatron_dataset(tmp_path / "big")
+    assert ds.index.dtype == np.int32 and ds[0].tolist() == [70_000, 1, 2] and ds[1].tolist() == [99_999]
+    r = run_tool("merge_datasets", "--input", tmp_path / "nothing", "--output-prefix", tmp_path / "m", check=1)
+    assert "is not a directory" in r.stderr
+
+
+def test_fast_encoder_equals_tokenizers(trained_tokenizer):
+    from megatron_biomed.data.tokenizer import BatchEncoder, load_tokenizer
+    tok = load_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(trained_tokenizer))
+    enc = BatchEncoder(tok)
+    assert enc.fast is not None
+    texts = [d["text"] for d in synthetic.pubmed_like_documents(500, seed=9)]
+    texts += ["", "  lots   of\n\n\n spaces\t\t", "<|endoftext|>x<|endoftext|>", "it's they'll we'd",
+              "Ünïcödé 🧬🧪 中文 ½ ²", "a" * 5000]
+    assert enc.encode(texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_gptdataset_builds_on_our_output(trained_tokenizer, tmp_path):
+    """megatron-core's GPTDataset + BlendedMegatronDatasetBuilder take our files as their own."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    inp = write_jsonl(tmp_path / "docs.jsonl", synthetic.pubmed_like_documents(300, seed=2))
+    preprocess(trained_tokenizer, inp, tmp_path / "d", "--append-eod")
+
+    class Tok:
+        vocab_size, eod, pad = 1000, 999, 999
+        unique_identifiers = {"class": "test tokenizer"}
+    config = GPTDatasetConfig(random_seed=1, sequence_length=64, blend=([str(tmp_path / "d_text_document")], None),
+                              split="98,1,1", path_to_cache=str(tmp_path / "cache"), tokenizer=Tok(),
+                              reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                              mid_level_dataset_surplus=0.005)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [20, 2, 2], lambda: True, config).build()
+    sample = train[0]
+    assert sample["tokens"].shape[0] == 64 and int(sample["tokens"].max()) < 1000
