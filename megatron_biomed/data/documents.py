@@ -265,8 +265,9 @@ def process_file(task):
     return result
 
 
-def winning_events(results):
-    """Boolean mask over all events (files in order): True for record versions to write."""
+def winning_events(results, with_deleted=False):
+    """Boolean mask over all events (files in order): True for record versions to write;
+    with `with_deleted`, also the PMIDs whose last event is a DeleteCitation."""
     keys = np.concatenate([r.keys for r in results]) if results else np.zeros(0, np.int64)
     kinds = np.concatenate([r.kinds for r in results]) if results else np.zeros(0, np.int8)
     keep = np.zeros(len(keys), dtype=bool)
@@ -277,14 +278,29 @@ def winning_events(results):
         last[:-1] = sorted_keys[:-1] != sorted_keys[1:]
         winners = order[last]
         keep[winners[kinds[winners] == RECORD_WRITTEN]] = True
-    return keep, kinds
+        deleted = keys[winners[kinds[winners] == DELETE]] // 2
+    else:
+        deleted = np.zeros(0, np.int64)
+    return (keep, kinds, deleted) if with_deleted else (keep, kinds)
 
 
-def convert(inputs, output, workers=1, filters=Filters(), show_progress=True, log=sys.stderr):
+def slice_files(files, num_slices, index):
+    """The `index`-th of `num_slices` contiguous, near-equal runs of `files` (kept in order)."""
+    if not 0 <= index < num_slices:
+        raise ValueError(f"--slice {index} is not in 0..{num_slices - 1}")
+    bounds = [len(files) * i // num_slices for i in range(num_slices + 1)]
+    return files[bounds[index]:bounds[index + 1]]
+
+
+def convert(inputs, output, workers=1, filters=Filters(), show_progress=True, deleted_output=None,
+            num_slices=1, slice_index=0):
     """Run the whole conversion; returns (counts, errors)."""
     files = discover_inputs(inputs)
     if not files:
         raise FileNotFoundError("no .xml, .xml.gz, .nxml or .tar.gz files in: " + ", ".join(inputs))
+    files = slice_files(files, num_slices, slice_index)
+    if not files:
+        raise ValueError(f"slice {slice_index} of {num_slices} is empty: fewer input files than slices")
     out_dir = os.path.dirname(os.path.abspath(output)) or "."
     os.makedirs(out_dir, exist_ok=True)
     shard_dir = tempfile.mkdtemp(prefix=".pubmed_to_jsonl-", dir=out_dir)
@@ -314,7 +330,7 @@ def convert(inputs, output, workers=1, filters=Filters(), show_progress=True, lo
                     collect(r)
         bar.close()
 
-        keep, kinds = winning_events(results)
+        keep, kinds, deleted = winning_events(results, with_deleted=True)
         counts = collections.Counter()
         errors = []
         offset = 0
@@ -336,6 +352,10 @@ def convert(inputs, output, workers=1, filters=Filters(), show_progress=True, lo
                 counts["files"] += 1
                 counts["files failed"] += bool(r.errors)
                 counts["dropped: superseded by a later version or DeleteCitation"] += superseded
+        counts["deleted PMIDs"] = len(deleted)
+        if deleted_output:
+            with atomic_output(deleted_output, "w", encoding="utf-8") as f:
+                f.write("".join(f"PMID:{p}\n" for p in np.sort(deleted)))
         return counts, errors
     finally:
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -384,6 +404,13 @@ def build_parser():
                         "(records without language information are kept)")
     p.add_argument("--exclude-pmids", metavar="FILE",
                    help="file with one PMID per line; those articles (abstract or full text) are skipped")
+    p.add_argument("--write-deleted", metavar="FILE",
+                   help="also write the PMIDs that these inputs delete (DeleteCitation, not re-added "
+                        "later), one 'PMID:n' per line; merge_datasets.py --drop-superseded applies "
+                        "them to datasets of earlier slices")
+    p.add_argument("--num-slices", type=int, default=1,
+                   help="split the inputs (in natural file-name order) into this many contiguous slices")
+    p.add_argument("--slice", type=int, default=0, help="which slice to process (0-based)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -396,7 +423,8 @@ def main(argv=None):
             languages=frozenset(x.strip().lower() for x in args.languages.split(",") if x.strip()),
             exclude_pmids=read_pmid_list(args.exclude_pmids) if args.exclude_pmids else frozenset())
         counts, errors = convert(args.inputs, args.output, args.workers, filters,
-                                 show_progress=not args.no_progress)
+                                 show_progress=not args.no_progress, deleted_output=args.write_deleted,
+                                 num_slices=args.num_slices, slice_index=args.slice)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

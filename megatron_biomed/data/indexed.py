@@ -64,9 +64,12 @@ class IndexedDatasetWriter:
                 raise ValueError("one id per document is needed")
             self._ids.write("".join(f"{i}\n" for i in ids))
 
-    def add_dataset(self, prefix):
-        """Append a whole existing dataset (streamed, not loaded)."""
-        dtype, lengths, _, doc_idx = read_index(prefix + ".idx")
+    def add_dataset(self, prefix, keep=None):
+        """Append an existing dataset (streamed, not loaded); `keep`: optional boolean mask of
+        the documents to take."""
+        dtype, lengths, pointers, doc_idx = read_index(prefix + ".idx")
+        if keep is not None and not np.all(keep):
+            return self._add_selected(prefix, dtype, lengths, pointers, doc_idx, np.asarray(keep, bool))
         if np.dtype(dtype) != np.dtype(self.dtype):
             raise ValueError(f"{prefix}.idx has dtype {np.dtype(dtype).name}, expected "
                              f"{np.dtype(self.dtype).name}: datasets of different vocabularies")
@@ -91,6 +94,21 @@ class IndexedDatasetWriter:
                     n += 1
             if n != len(doc_idx) - 1:
                 raise ValueError(f"{ids_path} has {n} ids for {len(doc_idx) - 1} documents")
+
+    def _add_selected(self, prefix, dtype, lengths, pointers, doc_idx, keep):
+        if len(keep) != len(doc_idx) - 1:
+            raise ValueError(f"{prefix}: mask of {len(keep)} for {len(doc_idx) - 1} documents")
+        data = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+        itemsize = np.dtype(dtype).itemsize
+        ids = _read_ids(prefix + ".ids") if self._ids is not None else None
+        for d in np.flatnonzero(keep):
+            first, last = doc_idx[d], doc_idx[d + 1]
+            seq_lengths = lengths[first:last]
+            start = pointers[first] // itemsize if last > first else 0
+            tokens = data[start:start + int(seq_lengths.astype(np.int64).sum())]
+            self.add_documents(tokens, seq_lengths, [last - first],
+                               [ids[d]] if ids is not None else None)
+        del data
 
     def finalize(self):
         self._bin.close()
@@ -174,14 +192,44 @@ def find_prefixes(directory):
     return [os.path.join(directory, s) for s in sorted(stems)]
 
 
-def merge_datasets(prefixes, output_prefix, write_ids=None):
+def _read_ids(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def superseded_masks(prefixes):
+    """For datasets in order (slices of PubMed in file order): per dataset, which documents to
+    keep, i.e. those whose id reappears in no later dataset and is not in a later dataset's
+    `{prefix}.deleted` list - the rule tools/pubmed_to_jsonl.py applies within one run."""
+    later = set()
+    masks = []
+    for p in reversed(prefixes):
+        ids = _read_ids(p + ".ids")
+        keep = np.fromiter((i not in later for i in ids), dtype=bool, count=len(ids))
+        # Within one dataset ids are already unique (pubmed_to_jsonl deduplicated the slice).
+        later.update(ids)
+        if os.path.exists(p + ".deleted"):
+            later.update(_read_ids(p + ".deleted"))
+        masks.append(keep)
+    return masks[::-1]
+
+
+def merge_datasets(prefixes, output_prefix, write_ids=None, drop_superseded=False):
     """Concatenate datasets in the given order into `output_prefix` (ids merged when present)."""
     if not prefixes:
         raise ValueError("nothing to merge")
     if write_ids is None:
         write_ids = all(os.path.exists(p + ".ids") for p in prefixes)
+    if drop_superseded:
+        missing = [p + ".ids" for p in prefixes if not os.path.exists(p + ".ids")]
+        if missing:
+            raise FileNotFoundError("--drop-superseded needs document ids; missing: " + ", ".join(missing))
+        masks = superseded_masks(prefixes)
+    else:
+        masks = [None] * len(prefixes)
     dtype = read_index(prefixes[0] + ".idx")[0]
     with IndexedDatasetWriter(output_prefix, dtype, write_ids=write_ids) as w:
-        for p in prefixes:
-            w.add_dataset(p)
+        for p, keep in zip(prefixes, masks):
+            w.add_dataset(p, keep)
+    w.dropped = sum(int((~m).sum()) for m in masks if m is not None)
     return w

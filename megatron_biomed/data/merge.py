@@ -13,6 +13,10 @@ def build_parser():
                     "merged too when every input has one.")
     p.add_argument("--input", required=True, help="directory holding the datasets to merge")
     p.add_argument("--output-prefix", required=True, help="path prefix of the merged dataset")
+    p.add_argument("--drop-superseded", action="store_true",
+                   help="for slices of PubMed in file order: drop a document whose id appears again "
+                        "in a later input or in a later input's {prefix}.deleted list (written by "
+                        "pubmed_to_jsonl.py --write-deleted), as a single run would")
     return p
 
 
@@ -25,10 +29,12 @@ def main(argv=None):
                     if os.path.abspath(p) != os.path.abspath(args.output_prefix)]
         if not prefixes:
             raise FileNotFoundError(f"no .bin/.idx datasets in {args.input}")
-        w = indexed.merge_datasets(prefixes, args.output_prefix)
+        w = indexed.merge_datasets(prefixes, args.output_prefix, drop_superseded=args.drop_superseded)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"merged {len(prefixes)} datasets: {w.num_documents:,} documents, {w.num_tokens:,} tokens "
-          f"-> {args.output_prefix}.bin/.idx", file=sys.stderr)
+          f"-> {args.output_prefix}.bin/.idx"
+          + (f"; {w.dropped:,} superseded documents dropped" if args.drop_superseded else ""),
+          file=sys.stderr)
     return 0
