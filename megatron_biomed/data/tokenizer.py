@@ -151,8 +151,10 @@ class BatchEncoder:
         return self.fast is not None
 
     def _encode_fast(self, texts):
-        return self.fast.encode_batch(texts, num_threads=self.threads, allowed_special=self.special
-                                      if self.special else set())
+        # One text at a time: tiktoken's thread pool costs more per short document than it
+        # saves; parallelism comes from worker processes instead.
+        encode, special = self.fast.encode, self.special
+        return [encode(t, allowed_special=special, disallowed_special=()) for t in texts]
 
     def _encode_hf(self, texts):
         return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
