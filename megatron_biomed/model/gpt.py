@@ -1,0 +1,185 @@
+"""GPT-2 / BioMedLM as one plain nn.Module (nanoGPT style); parallelism is applied from outside.
+
+Differences from nanoGPT that matter: the fused QKV projection stores its rows per head as
+(head, q|k|v, head_dim), Megatron's layout, so that a contiguous split of the rows over tensor
+parallel ranks gives every rank whole heads; the embedding is padded to a multiple of
+`make_vocab_size_divisible_by` x TP and the padded logits are masked so they never win; and
+BioMedLM's `scale_attn_by_inverse_layer_idx` divides attention scores by (layer index + 1).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional GPU kernel
+    from flash_attn import flash_attn_func
+except Exception:  # noqa: BLE001 - any import problem means "not available"
+    flash_attn_func = None
+
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T * scale + causal mask) v with dropout; no parameters."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        if config.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend {config.attention_backend!r}: choose one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+        self.backend = config.attention_backend
+        self.dropout = config.attention_dropout
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+        self.selective_recompute = config.recompute_granularity == "selective"
+
+    def forward(self, q, k, v):  # (B, T, heads, head_dim) each
+        if self.selective_recompute and self.training:
+            return checkpoint(self._attend, q, k, v, use_reentrant=False)
+        return self._attend(q, k, v)
+
+    def resolved_backend(self, q):
+        if self.backend != "auto":
+            return self.backend
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return "flash"
+        return "sdpa"
+
+    def _attend(self, q, k, v):
+        p = self.dropout if self.training else 0.0
+        backend = self.resolved_backend(q)
+        if backend == "flash":
+            if flash_attn_func is None:
+                raise RuntimeError("--attention-backend flash needs the flash-attn package")
+            return flash_attn_func(q, k, v, dropout_p=p, softmax_scale=self.scale, causal=True)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if backend == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
+        else:  # math: the reference, softmax in fp32
+            T = q.shape[-2]
+            att = (q @ k.transpose(-2, -1)).float() * self.scale
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            att = att.masked_fill(~causal, float("-inf")).softmax(-1).to(q.dtype)
+            y = F.dropout(att, p, self.training) @ v
+        return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows: (head, qkv, dim)
+        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.core = CoreAttention(config, layer_idx)
+        self.resid_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallelism this rank computes only its own heads.
+        q, k, v = self.c_attn(x).view(B, T, -1, 3, self.head_dim).unbind(3)
+        y = self.core(q, k, v).reshape(B, T, -1)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.ffn_hidden_size)
+        self.c_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config, tensor_parallel_size=1):
+        super().__init__()
+        self.config = config
+        self.padded_vocab_size = config.padded_vocab_size(tensor_parallel_size)
+        self.wte = nn.Embedding(self.padded_vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.seq_length, config.hidden_size)
+        self.drop = nn.Dropout(config.hidden_dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.lm_head = nn.Linear(config.hidden_size, self.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input/output embedding
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 x layers)."""
+        std = self.config.init_method_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln_" in name or name.startswith("ln_f"):
+                p.fill_(1.0)
+            elif name.endswith("c_proj.weight"):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.num_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def embed(self, tokens):
+        T = tokens.shape[1]
+        if T > self.config.seq_length:
+            raise ValueError(f"sequence of {T} tokens is longer than --seq-length {self.config.seq_length}")
+        positions = torch.arange(T, device=tokens.device).unsqueeze(0)
+        return self.drop(self.wte(tokens) + self.wpe(positions))
+
+    def blocks(self, x, layers=None):
+        for block in (self.h if layers is None else layers):
+            if self.config.recompute_granularity == "full" and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def head(self, x):
+        logits = self.lm_head(self.ln_f(x))
+        if logits.shape[-1] == self.padded_vocab_size and self.padded_vocab_size > self.config.vocab_size:
+            logits = mask_padded_vocab(logits, self.config.vocab_size)
+        return logits
+
+    def forward(self, tokens, targets=None):
+        logits = self.head(self.blocks(self.embed(tokens)))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def num_parameters(self, exclude_positions=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if exclude_positions else n
+
+
+def mask_padded_vocab(logits, vocab_size, vocab_start=0):
+    """-inf for the padded vocabulary columns of a (possibly sharded) logits block."""
+    cols = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
+    if int(cols[-1]) < vocab_size:
+        return logits
+    return logits.masked_fill(cols >= vocab_size, float("-inf"))
+
+
+def flops_per_token(config, tensor_parallel_size=1):
+    """Training FLOPs per token: 6N (forward + backward matmuls, embedding counted once through
+    the tied output layer) + 12 L H T for attention scores and their use (Megatron/PaLM)."""
+    H, L, T = config.hidden_size, config.num_layers, config.seq_length
+    V = config.padded_vocab_size(tensor_parallel_size)
+    n = L * (4 * H * H + 2 * H * config.ffn_hidden_size) + V * H  # matmul weights only
+    return 6 * n + 12 * L * H * T

@@ -1,0 +1,62 @@
+"""Process group and device mesh from the torchrun or Slurm environment."""
+import os
+import re
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+
+def _first_host(nodelist):
+    """First host of a Slurm nodelist such as 'gpu[003-005,007],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def distributed_env(environ=os.environ):
+    """(rank, world_size, local_rank, master_addr, master_port) from torchrun or Slurm variables."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        local = int(environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        rank, world = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"])
+        local = int(environ.get("SLURM_LOCALID", 0))
+    else:
+        return 0, 1, 0, "127.0.0.1", 29500
+    addr = environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    port = int(environ.get("MASTER_PORT") or 20000 + int(environ.get("SLURM_JOB_ID", "9500")) % 40000)
+    return rank, world, local, addr, port
+
+
+def init_distributed(backend=None):
+    """Join (or create) the default process group; NCCL on GPU, gloo on CPU. Idempotent."""
+    rank, world, local, addr, port = distributed_env()
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", addr)
+        os.environ.setdefault("MASTER_PORT", str(port))
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world)
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def build_mesh(parallel, device_type="cpu"):
+    """The (pp, dp, tp) mesh; tp varies fastest across ranks, as in Megatron."""
+    world = dist.get_world_size()
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    return init_device_mesh(device_type, (pp, world // (tp * pp), tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def destroy():
+    """Tear down cleanly: without the barrier, DTensor/DCP runs under gloo often crash at exit."""
+    import gc
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,227 @@
+"""Compose tensor, pipeline and data parallelism on one (pp, dp, tp) mesh around the plain GPT.
+
+The full model is initialised identically on every rank (same seed), then cut into this rank's
+pipeline stages, sharded over TP, and wrapped for data parallelism - so the weights are the
+same whatever the layout. `train_step` runs one optimizer step on a global batch.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from megatron_biomed.model.gpt import GPT
+from megatron_biomed.parallel import pipeline
+from megatron_biomed.parallel.tensor_parallel import apply_tensor_parallel, lm_loss
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ParallelGPT:
+    def __init__(self, model_config, parallel, mesh, device=torch.device("cpu"), seed=1234):
+        self.config, self.parallel, self.mesh, self.device = model_config, parallel, mesh, device
+        world = mesh.size()
+        parallel.validate(model_config, world)
+        self.tp, self.pp, self.dp = mesh["tp"].size(), mesh["pp"].size(), mesh["dp"].size()
+        self.tp_rank, self.pp_rank = mesh["tp"].get_local_rank(), mesh["pp"].get_local_rank()
+        self.tp_group, self.pp_group, self.dp_group = (mesh[d].get_group() for d in ("tp", "pp", "dp"))
+
+        torch.manual_seed(seed)  # identical full model on every rank: initialise, then shard
+        model = GPT(model_config, tensor_parallel_size=self.tp).to(device)
+        self.padded_vocab_size = model.padded_vocab_size
+        self.num_stages = self.pp * parallel.virtual_stages(model_config.num_layers)
+        layers = pipeline.stage_layers(model_config.num_layers, self.num_stages)
+        if self.pp == 1:
+            self.stage_ids, self.modules = [0], [model]
+        else:
+            self.stage_ids = pipeline.stages_of_rank(self.pp_rank, self.pp, self.num_stages // self.pp)
+            self.modules = [pipeline.GPTStage(model, layers[s], s == 0, s == self.num_stages - 1)
+                            for s in self.stage_ids]
+        del model
+        if self.tp > 1:
+            for m in self.modules:
+                apply_tensor_parallel(m, mesh["tp"], parallel.sequence_parallel)
+        self.fsdp = parallel.data_parallel_sharding != "none"
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            reshard = parallel.data_parallel_sharding == "full"
+            for m in self.modules:
+                for block in (m.h.values() if isinstance(m.h, torch.nn.ModuleDict) else m.h):
+                    fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard)
+                fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard)
+        self._embedding_groups()
+        self.schedule = None
+
+    # -- groups -----------------------------------------------------------------------------
+    def _embedding_groups(self):
+        """First and last pipeline ranks of each (dp, tp) pair share the tied embedding."""
+        self.embedding_group = None
+        if self.pp == 1:
+            return
+        ranks = self.mesh.mesh  # (pp, dp, tp) tensor of global ranks
+        me = dist.get_rank()
+        for d in range(ranks.shape[1]):
+            for t in range(ranks.shape[2]):
+                pair = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+                g = dist.new_group(pair)
+                if me in pair:
+                    self.embedding_group = g
+
+    def parameters(self):
+        seen = set()
+        for m in self.modules:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def named_parameters(self):
+        """(name in the full model, parameter); the last stage's tied head is 'lm_head.weight'."""
+        seen = set()
+        for m in self.modules:
+            for n, p in m.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield n, p
+
+    @property
+    def first_stage(self):
+        return 0 in self.stage_ids
+
+    @property
+    def last_stage(self):
+        return self.num_stages - 1 in self.stage_ids
+
+    def train(self, mode=True):
+        for m in self.modules:
+            m.train(mode)
+
+    # -- one step ---------------------------------------------------------------------------
+    def _loss_fn(self, n_microbatches):
+        def loss_fn(logits, targets):
+            return lm_loss(logits, targets, self.config.vocab_size, self.tp_group, self.tp_rank) / n_microbatches
+        return loss_fn
+
+    def forward_backward(self, tokens, targets):
+        """Forward and backward over this data-parallel rank's batch; returns its mean loss
+        (on every rank). `tokens`/`targets`: (dp-local batch, seq)."""
+        mbs = self.parallel.micro_batch_size
+        n_mb = tokens.shape[0] // mbs
+        loss_fn = self._loss_fn(n_mb)
+        total = torch.zeros((), device=self.device)
+        if self.pp == 1:
+            model = self.modules[0]
+            for i in range(n_mb):
+                if self.fsdp:
+                    model.set_requires_gradient_sync(i == n_mb - 1)
+                logits = model(tokens[i * mbs:(i + 1) * mbs])
+                loss = loss_fn(logits, targets[i * mbs:(i + 1) * mbs])
+                loss.backward()
+                total += loss.detach()
+        else:
+            if self.schedule is None:
+                self.schedule = pipeline.build_schedule(
+                    self.modules, self.stage_ids, self.num_stages, self.device, self.pp_group, n_mb,
+                    loss_fn, self.parallel.pipeline_schedule)
+            losses = []
+            kwargs = {"target": targets, "losses": losses} if self.last_stage else {}
+            if self.first_stage:
+                self.schedule.step(tokens, **kwargs)
+            else:
+                self.schedule.step(**kwargs)
+            if self.last_stage:
+                total = torch.stack([l.detach() for l in losses]).sum()
+            src = dist.get_global_rank(self.pp_group, self.pp - 1)
+            dist.broadcast(total, src=src, group=self.pp_group)
+        if self.dp > 1:
+            dist.all_reduce(total, group=self.dp_group)
+            total /= self.dp
+        return total
+
+    @torch.no_grad()
+    def reduce_gradients(self):
+        """Tied-embedding sum across first/last stage, then the data-parallel mean (DDP)."""
+        for p in self.parameters():
+            # An embedding's gradient can come back Replicate for a Shard(0) weight: give every
+            # gradient its parameter's layout so the reductions below see matching shards.
+            g = p.grad
+            if isinstance(g, DTensor) and g.placements != p.placements:
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+        if self.embedding_group is not None:
+            for m in self.modules:
+                for name in ("wte", "lm_head"):
+                    mod = getattr(m, name, None)
+                    if mod is not None and mod.weight.grad is not None:
+                        grad = _local(mod.weight.grad)
+                        buf = grad.contiguous()  # gloo needs contiguous buffers
+                        dist.all_reduce(buf, group=self.embedding_group)
+                        if buf.data_ptr() != grad.data_ptr():
+                            grad.copy_(buf)
+        if self.dp > 1 and not self.fsdp:
+            grads = [_local(p.grad) for p in self.parameters() if p.grad is not None]
+            for bucket in _buckets(grads, 1 << 25):
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, group=self.dp_group)
+                flat /= self.dp
+                offset = 0
+                for g in bucket:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
+    @torch.no_grad()
+    def grad_norm(self):
+        """Global L2 norm of all gradients, across tp, dp and pp, the tied embedding once."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, p in self.named_parameters():
+            if p.grad is None or (self.pp > 1 and name == "lm_head.weight"):
+                continue
+            n = torch.linalg.vector_norm(p.grad.float())
+            sq += (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
+        if self.pp > 1:
+            dist.all_reduce(sq, group=self.pp_group)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def clip_gradients(self, max_norm):
+        norm = self.grad_norm()
+        if max_norm and max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
+
+    def train_step(self, tokens, targets, optimizer, clip_grad=1.0):
+        """One step on this rank's share of the global batch; returns (loss, grad norm)."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(tokens, targets)
+        self.reduce_gradients()
+        norm = self.clip_gradients(clip_grad)
+        optimizer.step()
+        return loss, norm
+
+    def data_slice(self, global_batch):
+        """This data-parallel rank's rows of a global batch."""
+        dp_rank = self.mesh["dp"].get_local_rank()
+        per = global_batch.shape[0] // self.dp
+        return global_batch[dp_rank * per:(dp_rank + 1) * per]
+
+    @torch.no_grad()
+    def full_state_dict(self):
+        """{name: full tensor} of this rank's stages (collective over tp and dp)."""
+        out = {}
+        for name, p in self.named_parameters():
+            out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        return out
+
+
+def _buckets(tensors, max_numel):
+    bucket, n = [], 0
+    for t in tensors:
+        if bucket and n + t.numel() > max_numel:
+            yield bucket
+            bucket, n = [], 0
+        bucket.append(t)
+        n += t.numel()
+    if bucket:
+        yield bucket

@@ -1,0 +1,105 @@
+"""Megatron-style tensor (and sequence) parallelism applied to the plain GPT with DTensor plans.
+
+QKV and fc1 are column-parallel, attention-out and fc2 row-parallel, the embedding and the tied
+output layer vocab-parallel; the loss is a vocab-parallel cross entropy on each rank's logits
+shard, so full logits are never gathered. With sequence parallelism the LayerNorm/dropout
+regions hold a 1/TP slice of the sequence.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+from megatron_biomed.model.gpt import mask_padded_vocab
+
+
+def _replicate(module, mesh):
+    """Parameters as replicated DTensors, plain tensors in and out (so FSDP2 sees one kind)."""
+    distribute_module(
+        module, mesh,
+        input_fn=lambda mod, inputs, m: tuple(
+            DTensor.from_local(x, m, [Replicate()], run_check=False) if isinstance(x, torch.Tensor)
+            and not isinstance(x, DTensor) else x for x in inputs),
+        output_fn=lambda mod, out, m: out.to_local() if isinstance(out, DTensor) else out)
+
+
+def apply_tensor_parallel(module, tp_mesh, sequence_parallel=False):
+    """Shard a GPT (or pipeline stage of one) over `tp_mesh` in place."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    for block in module.h.values() if isinstance(module.h, torch.nn.ModuleDict) else module.h:
+        plan = {
+            "attn.c_attn": ColwiseParallel(),
+            "attn.c_proj": RowwiseParallel(output_layouts=seq),
+            "mlp.c_fc": ColwiseParallel(),
+            "mlp.c_proj": RowwiseParallel(output_layouts=seq),
+        }
+        if sequence_parallel:
+            plan.update({
+                "ln_1": SequenceParallel(),
+                "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "ln_2": SequenceParallel(),
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+        if not sequence_parallel:
+            _replicate(block.ln_1, tp_mesh)
+            _replicate(block.ln_2, tp_mesh)
+    if getattr(module, "wte", None) is not None:
+        plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)}
+        if sequence_parallel:
+            # Positions are sharded like tokens so that the two embeddings add up slice by slice.
+            plan["wpe"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+        parallelize_module(module, tp_mesh, plan)
+        if not sequence_parallel:
+            _replicate(module.wpe, tp_mesh)
+    if getattr(module, "lm_head", None) is not None:
+        if sequence_parallel:
+            parallelize_module(module.ln_f, tp_mesh, SequenceParallel())
+        else:
+            _replicate(module.ln_f, tp_mesh)
+        parallelize_module(module, tp_mesh, {"lm_head": ColwiseParallel(
+            input_layouts=seq, output_layouts=Shard(-1), use_local_output=True)})
+        if getattr(module, "wte", None) is not None:
+            module.lm_head.weight = module.wte.weight  # both Shard(0) over the vocabulary: re-tie
+    return module
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross entropy over logits split by vocabulary across `group` (Megatron's algorithm)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group):
+        logits = logits.float()
+        local_max = logits.max(dim=-1).values
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - local_max.unsqueeze(-1)
+        vocab_end = vocab_start + logits.shape[-1]
+        in_shard = (targets >= vocab_start) & (targets < vocab_end)
+        local_index = (targets - vocab_start).clamp(0, logits.shape[-1] - 1)
+        target_logit = shifted.gather(-1, local_index.unsqueeze(-1)).squeeze(-1) * in_shard
+        exp = shifted.exp()
+        sum_exp = exp.sum(-1)
+        both = torch.stack([target_logit, sum_exp])
+        dist.all_reduce(both, group=group)
+        target_logit, sum_exp = both[0], both[1]
+        loss = sum_exp.log() - target_logit
+        softmax = exp / sum_exp.unsqueeze(-1)
+        ctx.save_for_backward(softmax, in_shard, local_index)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, in_shard, local_index = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, local_index.unsqueeze(-1), -in_shard.unsqueeze(-1).to(grad.dtype))
+        return grad * grad_loss.unsqueeze(-1), None, None, None
+
+
+def lm_loss(logits, targets, vocab_size, tp_group=None, tp_rank=0):
+    """Mean token cross entropy of (possibly vocab-sharded) logits; padded columns masked."""
+    vocab_start = tp_rank * logits.shape[-1]
+    logits = mask_padded_vocab(logits, vocab_size, vocab_start)
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, tp_group).mean()
