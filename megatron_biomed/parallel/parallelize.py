@@ -10,7 +10,8 @@ from torch.distributed.tensor import DTensor
 
 from megatron_biomed.model.gpt import GPT
 from megatron_biomed.parallel import pipeline
-from megatron_biomed.parallel.tensor_parallel import apply_tensor_parallel, lm_loss
+from megatron_biomed.parallel.tensor_parallel import (apply_tensor_parallel, lm_loss,
+                                                      tensor_parallel_dropout_rng)
 
 
 def _local(t):
@@ -41,6 +42,9 @@ class ParallelGPT:
         if self.tp > 1:
             for m in self.modules:
                 apply_tensor_parallel(m, mesh["tp"], parallel.sequence_parallel)
+                tensor_parallel_dropout_rng(m, self.tp_rank, parallel.sequence_parallel)
+        # Dropout streams as Megatron seeds them: per pipeline rank, shared across TP and DP.
+        torch.manual_seed(seed + 100 * self.pp_rank)
         self.fsdp = parallel.data_parallel_sharding != "none"
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard

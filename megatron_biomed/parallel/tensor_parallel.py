@@ -103,3 +103,36 @@ def lm_loss(logits, targets, vocab_size, tp_group=None, tp_rank=0):
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, tp_group).mean()
+
+
+def tensor_parallel_dropout_rng(module, tp_rank, sequence_parallel=False):
+    """Give dropout inside tensor-parallel regions a different stream on each TP rank, as
+    Megatron's model-parallel RNG does: attention dropout (each rank holds other heads) and,
+    with sequence parallelism, the dropouts on each rank's slice of the sequence. Replicated
+    activations keep the default stream, identical across TP ranks.
+
+    The stream is seeded from a number drawn from the default generator, so activation
+    recomputation (which restores the default generator) replays the same masks."""
+    from megatron_biomed.model.gpt import CoreAttention
+    saved = {}
+
+    def enter(mod, args):
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        saved[id(mod)] = (torch.get_rng_state(),
+                          torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        torch.manual_seed(seed + 2718 * (tp_rank + 1))
+
+    def leave(mod, args, out):
+        cpu, cuda = saved.pop(id(mod))
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    handles = []
+    for name, m in module.named_modules():
+        region = isinstance(m, CoreAttention) or (
+            sequence_parallel and isinstance(m, torch.nn.Dropout) and m.p > 0)
+        if region and (not isinstance(m, CoreAttention) or m.dropout > 0):
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave))
+    return handles

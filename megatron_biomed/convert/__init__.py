@@ -1,0 +1,1 @@
+"""Checkpoint conversion between our GPT and other formats."""
