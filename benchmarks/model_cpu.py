@@ -30,9 +30,9 @@ def main():
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     from transformers import GPT2LMHeadModel
     cfg = preset("biomedlm-2.7b", num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=None,

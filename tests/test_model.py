@@ -126,3 +126,23 @@ def test_gpu_backends_agree_in_bf16():
         outs[b] = m(x).float()
     for b in backends[1:]:
         torch.testing.assert_close(outs[b], outs["sdpa"], atol=0.1, rtol=0.05)
+
+
+def test_megatron_flags_and_environment():
+    from megatron_biomed.arguments import build_parser, model_config, parallel_config
+    from megatron_biomed.parallel.mesh import distributed_env
+    args = build_parser().parse_args([
+        "--model", "biomedlm-2.7b", "--num-layers", "8", "--hidden-size", "512", "--tensor-model-parallel-size", "2",
+        "--pipeline-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "2",
+        "--global-batch-size", "16", "--recompute-granularity", "selective"])
+    m, p = model_config(args), parallel_config(args)
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads) == (8, 512, 2048, 20)
+    assert m.recompute_granularity == "selective" and m.scale_attn_by_inverse_layer_idx
+    assert p.data_parallel_size(8) == 2 and p.num_microbatches(8) == 4
+    with pytest.raises(LayoutError, match="--num-attention-heads 20 is not divisible by --tensor-model-parallel-size 3"):
+        p.__class__(tensor_model_parallel_size=3).validate(m, 3)
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[003-004,007]", "SLURM_JOB_ID": "4242"}
+    assert distributed_env(env) == (5, 8, 1, "gpu003", 20000 + 4242)
+    assert distributed_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                            "MASTER_PORT": "1234"}) == (1, 2, 1, "h", 1234)

@@ -79,7 +79,11 @@ def layout_id(layout):
     return f"n{n}" + "".join(str(f) for f in flags).replace("--", "_")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=[layout_id(x) for x in LAYOUTS])
+PARAMS = [pytest.param(x, id=layout_id(x), marks=[pytest.mark.slow] if x[0] == 4 else [])
+          for x in LAYOUTS]
+
+
+@pytest.mark.parametrize("layout", PARAMS)
 def test_layout_equals_single_process(tmp_path, layout):
     nproc, flags = layout
     if "ref" not in _REFERENCE:

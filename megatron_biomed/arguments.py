@@ -1,0 +1,61 @@
+"""Megatron-LM's command-line flags for the model and the parallel layout."""
+import argparse
+
+from megatron_biomed.config import PRESETS, ParallelConfig, preset
+
+_MODEL_FLAGS = {  # flag -> GPTConfig field
+    "--num-layers": ("num_layers", int), "--hidden-size": ("hidden_size", int),
+    "--num-attention-heads": ("num_attention_heads", int), "--seq-length": ("seq_length", int),
+    "--ffn-hidden-size": ("ffn_hidden_size", int), "--vocab-size": ("vocab_size", int),
+    "--hidden-dropout": ("hidden_dropout", float), "--attention-dropout": ("attention_dropout", float),
+    "--layernorm-epsilon": ("layernorm_epsilon", float), "--init-method-std": ("init_method_std", float),
+    "--make-vocab-size-divisible-by": ("make_vocab_size_divisible_by", int),
+}
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="biomedlm-2.7b", choices=sorted(PRESETS), help="preset to start from")
+    for flag, (field, typ) in _MODEL_FLAGS.items():
+        g.add_argument(flag, dest=field, type=typ, default=None, help=f"override the preset's {field}")
+    g.add_argument("--attention-backend", choices=["auto", "flash", "sdpa", "math"], default=None)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--no-scale-attn-by-inverse-layer-idx", dest="scale_attn_by_inverse_layer_idx",
+                   action="store_false", default=None, help="plain GPT-2 attention scaling")
+    return parser
+
+
+def add_parallel_args(parser):
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    g.add_argument("--data-parallel-sharding", choices=["none", "optimizer", "full"], default="none",
+                   help="none: DDP; optimizer: FSDP2 keeping parameters between forward and backward; "
+                        "full: FSDP2 (ZeRO-3)")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    return parser
+
+
+def model_config(args):
+    overrides = {f: getattr(args, f) for f, _ in _MODEL_FLAGS.values() if getattr(args, f, None) is not None}
+    for f in ("attention_backend", "recompute_granularity", "scale_attn_by_inverse_layer_idx"):
+        if getattr(args, f, None) is not None:
+            overrides[f] = getattr(args, f)
+    if "hidden_size" in overrides and "ffn_hidden_size" not in overrides:
+        overrides["ffn_hidden_size"] = 4 * overrides["hidden_size"]
+    return preset(args.model, **overrides)
+
+
+def parallel_config(args):
+    return ParallelConfig(**{f: getattr(args, f) for f in (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
+        "num_layers_per_virtual_pipeline_stage", "pipeline_schedule", "data_parallel_sharding",
+        "micro_batch_size", "global_batch_size")})
+
+
+def build_parser(description=None):
+    return add_parallel_args(add_model_args(argparse.ArgumentParser(description=description)))
