@@ -4,6 +4,8 @@ The full model is initialised identically on every rank (same seed), then cut in
 pipeline stages, sharded over TP, and wrapped for data parallelism - so the weights are the
 same whatever the layout. `train_step` runs one optimizer step on a global batch.
 """
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -55,6 +57,8 @@ class ParallelGPT:
                 fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard)
         self._embedding_groups()
         self.schedule = None
+        self.autocast_dtype = None  # torch.bfloat16 / torch.float16: compute dtype (params stay fp32)
+        self.loss_scale = 1.0       # fp16: the loss is multiplied by this before backward
 
     # -- groups -----------------------------------------------------------------------------
     def _embedding_groups(self):
@@ -103,12 +107,19 @@ class ParallelGPT:
     # -- one step ---------------------------------------------------------------------------
     def _loss_fn(self, n_microbatches):
         def loss_fn(logits, targets):
-            return lm_loss(logits, targets, self.config.vocab_size, self.tp_group, self.tp_rank) / n_microbatches
+            loss = lm_loss(logits, targets, self.config.vocab_size, self.tp_group, self.tp_rank)
+            return loss * (self.loss_scale / n_microbatches)
         return loss_fn
 
-    def forward_backward(self, tokens, targets):
-        """Forward and backward over this data-parallel rank's batch; returns its mean loss
-        (on every rank). `tokens`/`targets`: (dp-local batch, seq)."""
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, tokens, targets, backward=True):
+        """Forward (and backward) over this data-parallel rank's batch; returns the batch's
+        mean loss, unscaled, on every rank. `tokens`/`targets`: (dp-local batch, seq); targets
+        equal to IGNORE_INDEX add no loss."""
         mbs = self.parallel.micro_batch_size
         n_mb = tokens.shape[0] // mbs
         loss_fn = self._loss_fn(n_mb)
@@ -116,12 +127,14 @@ class ParallelGPT:
         if self.pp == 1:
             model = self.modules[0]
             for i in range(n_mb):
-                if self.fsdp:
+                if self.fsdp and backward:
                     model.set_requires_gradient_sync(i == n_mb - 1)
-                logits = model(tokens[i * mbs:(i + 1) * mbs])
-                loss = loss_fn(logits, targets[i * mbs:(i + 1) * mbs])
-                loss.backward()
-                total += loss.detach()
+                with self._autocast():
+                    logits = model(tokens[i * mbs:(i + 1) * mbs])
+                    loss = loss_fn(logits, targets[i * mbs:(i + 1) * mbs])
+                if backward:
+                    loss.backward()
+                total += loss.detach().float()
         else:
             if self.schedule is None:
                 self.schedule = pipeline.build_schedule(
@@ -129,18 +142,31 @@ class ParallelGPT:
                     loss_fn, self.parallel.pipeline_schedule)
             losses = []
             kwargs = {"target": targets, "losses": losses} if self.last_stage else {}
-            if self.first_stage:
-                self.schedule.step(tokens, **kwargs)
-            else:
-                self.schedule.step(**kwargs)
+            args = (tokens,) if self.first_stage else ()
+            with self._autocast():
+                if backward:
+                    self.schedule.step(*args, **kwargs)
+                else:
+                    self.schedule.eval(*args, **kwargs)
             if self.last_stage:
-                total = torch.stack([l.detach() for l in losses]).sum()
+                total = torch.stack([l.detach().float() for l in losses]).sum()
             src = dist.get_global_rank(self.pp_group, self.pp - 1)
             dist.broadcast(total, src=src, group=self.pp_group)
         if self.dp > 1:
             dist.all_reduce(total, group=self.dp_group)
             total /= self.dp
-        return total
+        return total / self.loss_scale
+
+    @torch.no_grad()
+    def evaluate(self, tokens, targets):
+        """Mean loss of a batch, forward only, dropout off."""
+        self.train(False)
+        scale, self.loss_scale = self.loss_scale, 1.0
+        try:
+            return self.forward_backward(tokens, targets, backward=False)
+        finally:
+            self.loss_scale = scale
+            self.train(True)
 
     @torch.no_grad()
     def reduce_gradients(self):
@@ -186,13 +212,18 @@ class ParallelGPT:
         return sq.sqrt()
 
     @torch.no_grad()
-    def clip_gradients(self, max_norm):
-        norm = self.grad_norm()
+    def scale_gradients(self, factor):
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    @torch.no_grad()
+    def clip_gradients(self, max_norm, norm=None):
+        """Scale all gradients so that their global norm is at most `max_norm`; returns the
+        norm before clipping."""
+        norm = self.grad_norm() if norm is None else norm
         if max_norm and max_norm > 0:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+            self.scale_gradients((max_norm / (norm + 1e-6)).clamp(max=1.0).float())
         return norm
 
     def train_step(self, tokens, targets, optimizer, clip_grad=1.0):

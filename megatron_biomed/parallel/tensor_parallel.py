@@ -96,13 +96,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad * grad_loss.unsqueeze(-1), None, None, None
 
 
+IGNORE_INDEX = -100  # targets with this value (masked by the dataset's loss_mask) add no loss
+
+
 def lm_loss(logits, targets, vocab_size, tp_group=None, tp_rank=0):
-    """Mean token cross entropy of (possibly vocab-sharded) logits; padded columns masked."""
+    """Mean cross entropy over the targets that are not IGNORE_INDEX, of (possibly
+    vocab-sharded) logits; padded vocabulary columns are masked."""
     vocab_start = tp_rank * logits.shape[-1]
     logits = mask_padded_vocab(logits, vocab_size, vocab_start)
+    valid = targets != IGNORE_INDEX
     if tp_group is None or dist.get_world_size(tp_group) == 1:
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, tp_group).mean()
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+    else:
+        losses = _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, tp_group).flatten()
+    valid = valid.flatten()
+    if bool(valid.all()):
+        return losses.mean()
+    return (losses * valid).sum() / valid.sum().clamp(min=1)
 
 
 def tensor_parallel_dropout_rng(module, tp_rank, sequence_parallel=False):

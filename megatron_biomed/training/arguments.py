@@ -1,0 +1,152 @@
+"""pretrain_gpt's settings: a YAML file (`--config`) overridden by Megatron-LM's flag names.
+
+YAML keys are the flags without the leading dashes (`num-layers: 32` or `num_layers: 32`);
+a key that is not a flag is an error naming the file and the key.
+"""
+import argparse
+import json
+import os
+
+import yaml
+
+from megatron_biomed.arguments import add_model_args, add_parallel_args
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag or the file."""
+
+
+def add_training_args(parser):
+    g = parser.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=None, help="optimizer steps to train for (required)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (required)")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled decay; not on biases or LayerNorm")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--seed", type=int, default=1234)
+    g = parser.add_argument_group("mixed precision")
+    g.add_argument("--bf16", action="store_true", help="compute in bfloat16, fp32 master weights")
+    g.add_argument("--fp16", action="store_true", help="compute in float16 with dynamic loss scaling")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale instead of dynamic")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000, help="good steps before the scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2, help="overflows tolerated before the scale halves")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="dataset prefix, or weight prefix pairs to blend: 0.7 pubmed_text_document 0.3 pmc_text_document")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of each dataset")
+    g.add_argument("--data-cache-path", default=None, help="where index caches go (default: beside the data)")
+    g.add_argument("--vocab-file", default=None, help="the tokenizer's vocab.json: sets --vocab-size and the EOD id")
+    g.add_argument("--merge-file", default=None, help="accepted for Megatron-LM compatibility; not needed to train")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting the EOD token")
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None, help="directory for checkpoints")
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory if there is one")
+    g.add_argument("--save-interval", type=int, default=None, help="save every this many iterations")
+    g.add_argument("--no-load-optim", action="store_true", help="load model weights only; start a fresh optimizer")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and start at iteration 0 (no optimizer, RNG or data position)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit (resumable) once training has run this long")
+    g.add_argument("--exit-interval", type=int, default=None, help="save and exit at this iteration")
+    g = parser.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU; default: 989 on H100/H200 and 312 on A100 in bf16/fp16")
+    return parser
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_biomed.pretrain_gpt",
+        description="Pretrain a GPT (BioMedLM preset by default) on Megatron .bin/.idx datasets with "
+                    "tensor, pipeline and data parallelism. Launch with torchrun or srun.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of settings; flags given here override it")
+    return add_training_args(add_parallel_args(add_model_args(parser)))
+
+
+def _yaml_defaults(parser, path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    by_flag = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                by_flag[opt[2:]] = action
+    out = {}
+    for key, value in data.items():
+        action = by_flag.get(str(key).replace("_", "-"))
+        if action is None or action.dest in ("config", "help"):
+            raise ConfigError(f"--config {path}: unknown setting {key!r} (not a flag of pretrain_gpt)")
+        if action.nargs == "+" and not isinstance(value, list):
+            value = str(value).split()
+        if action.nargs == "+":
+            value = [str(v) for v in value]
+        elif action.type is not None and value is not None:
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--config {path}: {key}: {value!r} is not one of {list(action.choices)}")
+        out[action.dest] = value
+    return out
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(parser, known.config))
+    args = parser.parse_args(argv)
+    finish(args)
+    return args
+
+
+def finish(args):
+    """Fill derived settings and check the ones with no default."""
+    if args.vocab_file:
+        try:
+            with open(args.vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--vocab-file {args.vocab_file}: {e}") from None
+        args.vocab_size = args.vocab_size or len(vocab)
+        args.eod_id = vocab.get("<|endoftext|>", len(vocab) - 1)
+    else:
+        args.eod_id = None
+    for flag in ("train_iters", "lr", "data_path"):
+        if getattr(args, flag) is None:
+            raise ConfigError(f"--{flag.replace('_', '-')} is required (on the command line or in --config)")
+    if args.bf16 and args.fp16:
+        raise ConfigError("--bf16 and --fp16 are exclusive")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError("--save-interval must be >= 1")
+    if args.log_interval < 1 or args.eval_interval < 1:
+        raise ConfigError("--log-interval and --eval-interval must be >= 1")
+    if args.load and not os.path.isdir(args.load) and args.load != args.save:
+        raise ConfigError(f"--load {args.load}: no such directory")
+    return args
+
+
+def effective_config(args):
+    """The settings as a flat mapping (what is printed at start and saved with checkpoints)."""
+    return {k: v for k, v in sorted(vars(args).items())}

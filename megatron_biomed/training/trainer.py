@@ -1,0 +1,297 @@
+"""The pretraining loop: data, optimizer step, logging, evaluation, checkpoints, signals.
+
+Exit codes: 0 finished (or --exit-interval reached), 75 saved and stopped early on SIGTERM /
+SIGUSR1 / --exit-duration-in-mins (requeue the job and it resumes), 1 a failure (NaN loss,
+bad data), 2 a bad setting.
+"""
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_biomed.arguments import model_config, parallel_config
+from megatron_biomed.config import LayoutError
+from megatron_biomed.model.gpt import flops_per_token
+from megatron_biomed.parallel import mesh as M
+from megatron_biomed.parallel.parallelize import ParallelGPT
+from megatron_biomed.training import checkpoint as C
+from megatron_biomed.training.arguments import ConfigError, effective_config, parse_args
+from megatron_biomed.training.data import DataError, build_datasets, get_batch
+from megatron_biomed.training.metrics import Metrics, peak_memory_gb, peak_tflops
+from megatron_biomed.training.optimizer import LossScaler, build_optimizer, lr_at, set_lr
+
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: saved and stopped early; slurm/ scripts requeue on it
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def _print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+def _test_pause_hook():
+    """Fault injection for the kill-during-save test: rank 0 stops inside the save of the
+    iteration named by MEGATRON_BIOMED_TEST_PAUSE_IN_SAVE, after its shards are written and
+    before the checkpoint is made complete, so that the test can kill -9 it there."""
+    target = os.environ.get("MEGATRON_BIOMED_TEST_PAUSE_IN_SAVE")
+    if not target:
+        return None
+
+    def hook(iteration):
+        if iteration == int(target) and dist.get_rank() == 0:
+            print(f"test hook: paused inside the save of iteration {iteration}", flush=True)
+            time.sleep(3600)
+    return hook
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.device = M.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.model_config = model_config(args)
+        self.parallel = parallel_config(args)
+        self.parallel.validate(self.model_config, self.world)
+        self.mesh = M.build_mesh(self.parallel, self.device.type)
+        self.dp_rank, self.dp = self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()
+        self.gbs = self.parallel.global_batch_size or self.parallel.micro_batch_size * self.dp
+        self.layout = {"tp": self.parallel.tensor_model_parallel_size, "pp": self.parallel.pipeline_model_parallel_size,
+                       "dp": self.dp, "sequence_parallel": self.parallel.sequence_parallel,
+                       "vpp": self.parallel.num_layers_per_virtual_pipeline_stage,
+                       "sharding": self.parallel.data_parallel_sharding}
+        config = effective_config(args)
+        for field in vars(self.model_config):  # shown resolved, under "model"
+            config.pop(field, None)
+        config.update(model=dict(preset=args.model, **vars(self.model_config)), layout=self.layout,
+                      global_batch_size=self.gbs)
+        self.config = config
+        _print0("effective config:\n" + yaml.safe_dump(_plain(config), sort_keys=True).rstrip())
+
+        self.model = ParallelGPT(self.model_config, self.parallel, self.mesh, self.device, seed=args.seed)
+        self.model.autocast_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        self.optimizer = build_optimizer(self.model, args, self.device)
+        self.scaler = LossScaler(args.initial_loss_scale, args.min_loss_scale, args.loss_scale_window,
+                                 args.hysteresis, args.loss_scale) if args.fp16 else None
+        self.iteration, self.last_saved = 0, None
+        self._load()
+        eod = args.eod_id if args.eod_id is not None else self.model_config.vocab_size - 1
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(
+            args, self.model_config.vocab_size, eod, self.gbs, self.model_config.seq_length)
+        self.metrics = Metrics(args.tensorboard_dir, self.rank, yaml.safe_dump(_plain(config)))
+        self.flops_per_token = flops_per_token(self.model_config, self.parallel.tensor_model_parallel_size)
+        self.peak = peak_tflops(args, self.device)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _load(self):
+        a = self.args
+        if not a.load or C.read_latest(a.load) is None:
+            if a.load:
+                _print0(f"no checkpoint in --load {a.load}: starting from scratch")
+            return
+        t0 = time.time()
+        finetune = a.finetune
+        got = C.load(a.load, self.model, self.optimizer, self.scaler, self.layout,
+                     load_optim=not (a.no_load_optim or finetune), load_rng=not (a.no_load_rng or finetune))
+        iteration, consumed, meta = got
+        if not finetune:
+            self.iteration = iteration
+            if consumed != iteration * self.gbs:
+                raise ConfigError(f"--load {a.load}: the checkpoint consumed {consumed} samples in {iteration} "
+                                  f"iterations (global batch {consumed // max(iteration, 1)}); resume with the "
+                                  f"same --global-batch-size ({self.gbs} given)")
+            self.last_saved = iteration
+        saved_layout = meta.get("layout")
+        note = "" if saved_layout == self.layout else f" (saved as {saved_layout}, resharded to {self.layout})"
+        _print0(f"loaded checkpoint {C.iteration_dir(a.load, iteration)} in {time.time() - t0:.1f} s{note}")
+
+    def save(self):
+        a = self.args
+        _print0(f"saving checkpoint at iteration {self.iteration} to {a.save}")
+        seconds = C.save(a.save, self.iteration, self.model, self.optimizer, self.scaler, _plain(self.config),
+                         self.iteration * self.gbs, self.layout, kill_hook=_test_pause_hook())
+        _print0(f"  saved {C.iteration_dir(a.save, self.iteration)} in {seconds:.1f} s")
+        self.last_saved = self.iteration
+
+    # -- steps ------------------------------------------------------------------------------
+    def train_step(self, tokens, targets):
+        model, opt = self.model, self.optimizer
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            model.loss_scale = self.scaler.scale
+        loss = model.forward_backward(tokens.to(self.device), targets.to(self.device))
+        model.reduce_gradients()
+        if self.scaler is not None:
+            model.scale_gradients(1.0 / self.scaler.scale)
+        norm = model.grad_norm()
+        finite = bool(torch.isfinite(norm))
+        if self.scaler is not None:
+            self.scaler.update(not finite)
+            if not finite:  # overflow: skip this step at a smaller scale
+                opt.zero_grad(set_to_none=True)
+                return loss, norm, True
+        elif not finite and math.isfinite(float(loss)):
+            raise TrainingError(f"gradient norm is {float(norm)} at iteration {self.iteration + 1}; "
+                                f"stopping{self._last_good()}")
+        model.clip_gradients(self.args.clip_grad, norm)
+        opt.step()
+        return loss, norm, False
+
+    def evaluate(self, dataset, index, name):
+        a = self.args
+        total = 0.0
+        for j in range(a.eval_iters):
+            tokens, targets = get_batch(dataset, index * a.eval_iters + j, self.gbs, self.dp_rank, self.dp)
+            total += float(self.model.evaluate(tokens.to(self.device), targets.to(self.device)))
+        loss = total / a.eval_iters
+        ppl = math.exp(min(20.0, loss))
+        _print0(f" {name} loss at iteration {self.iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.6E}")
+        self.metrics.scalars(self.iteration, **{f"{name}/loss": loss, f"{name}/ppl": ppl})
+        self.metrics.flush()
+        return loss
+
+    def _last_good(self):
+        if self.last_saved is not None and self.args.save:
+            return f"; the last good checkpoint is {C.iteration_dir(self.args.save, self.last_saved)}"
+        return "; no checkpoint was saved"
+
+    def _stop_requested(self, signals, start):
+        a = self.args
+        over = a.exit_duration_in_mins is not None and (time.time() - start) / 60 >= a.exit_duration_in_mins
+        flag = torch.tensor([1.0 if signals.received else 0.0, 1.0 if over else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
+        if flag[0] > 0:
+            return f"received {signals.received or 'a signal (on another rank)'}"
+        if flag[1] > 0:
+            return f"--exit-duration-in-mins {a.exit_duration_in_mins} reached"
+        return None
+
+    # -- loop -------------------------------------------------------------------------------
+    def train(self, signals):
+        a = self.args
+        start = time.time()
+        tokens_per_batch = self.gbs * self.model_config.seq_length
+        interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0}
+        _print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {self.gbs} x "
+                f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}")
+        self.model.train(True)
+        while self.iteration < a.train_iters:
+            lr = lr_at(self.iteration, a)
+            set_lr(self.optimizer, lr)
+            tokens, targets = get_batch(self.train_ds, self.iteration, self.gbs, self.dp_rank, self.dp)
+            loss, norm, skipped = self.train_step(tokens, targets)
+            self.iteration += 1
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss is {loss_value} at iteration {self.iteration}; stopping{self._last_good()}")
+            interval["loss"] += loss_value
+            interval["n"] += 1
+            interval["iters"] += 1
+            interval["skipped"] += int(skipped)
+            self.metrics.scalars(self.iteration, **{"train/loss": loss_value})
+            if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
+                self._log(interval, lr, float(norm), tokens_per_batch)
+                interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0}
+            if a.eval_iters and self.iteration % a.eval_interval == 0 and self.valid_ds is not None:
+                self.evaluate(self.valid_ds, self.iteration // a.eval_interval - 1, "validation")
+            reason = self._stop_requested(signals, start)
+            if a.save and a.save_interval and self.iteration % a.save_interval == 0:
+                self.save()
+            if reason:
+                if a.save and self.last_saved != self.iteration:
+                    self.save()
+                _print0(f"{reason}: stopping at iteration {self.iteration}"
+                        f"{' (checkpoint saved; resume with --load)' if a.save else ' (no --save: nothing saved)'}")
+                return EXIT_RESUMABLE
+            if a.exit_interval and self.iteration % a.exit_interval == 0:
+                if a.save and self.last_saved != self.iteration:
+                    self.save()
+                _print0(f"--exit-interval {a.exit_interval} reached at iteration {self.iteration}")
+                return 0
+        if a.save and self.last_saved != self.iteration:
+            self.save()
+        if a.eval_iters:
+            if self.valid_ds is not None and self.iteration % a.eval_interval:
+                self.evaluate(self.valid_ds, self.iteration // a.eval_interval, "validation")
+            if self.test_ds is not None:
+                self.evaluate(self.test_ds, 0, "test")
+        return 0
+
+    def _log(self, interval, lr, norm, tokens_per_batch):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.time() - interval["t"]
+        per_iter = elapsed / max(1, interval["iters"])
+        tokens_per_s = tokens_per_batch / per_iter
+        tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
+        mfu = tflops / self.peak if self.peak else None
+        loss = interval["loss"] / max(1, interval["n"])
+        mem = peak_memory_gb(self.device)
+        scale = self.scaler.scale if self.scaler else None
+        _print0(f" iteration {self.iteration:8d}/{self.args.train_iters:8d} | consumed samples: "
+                f"{self.iteration * self.gbs:12d} | elapsed time per iteration (ms): {per_iter * 1000:.1f} | "
+                f"learning rate: {lr:.6E} | global batch size: {self.gbs:5d} | lm loss: {loss:.6E} | "
+                + (f"loss scale: {scale:.1f} | " if scale else "")
+                + f"grad norm: {norm:.4f} | tokens/s: {tokens_per_s:,.0f} | TFLOP/s/device: {tflops:.2f} | "
+                f"MFU: {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | peak mem: {mem:.2f} GiB | "
+                f"skipped iterations: {interval['skipped']}")
+        self.metrics.scalars(self.iteration, **{
+            "train/lr": lr, "train/grad_norm": norm, "train/tokens_per_s": tokens_per_s,
+            "train/tflops_per_device": tflops, "train/mfu": mfu, "train/peak_mem_gib": mem,
+            "train/loss_scale": scale, "train/avg_loss": loss})
+        self.metrics.flush()
+
+
+def _plain(obj):
+    """Config values as YAML/JSON-safe builtins."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    signals = _Signals()  # before setup, so that an early SIGTERM is not fatal either
+    trainer = None
+    code = 0
+    try:
+        trainer = Trainer(args)
+        code = trainer.train(signals)
+    except (ConfigError, LayoutError) as e:
+        _print0(f"error: {e}", file=sys.stderr)
+        code = 2
+    except (TrainingError, DataError, C.CheckpointError) as e:
+        _print0(f"error: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        if trainer is not None:
+            trainer.metrics.close()
+    M.destroy()  # every error above is raised on all ranks alike, so the barrier inside is safe
+    return code
