@@ -51,5 +51,27 @@ print(f"training loss fell from {losses[0]:.3f} to {losses[-1]:.3f}")
 assert losses[-1] < losses[0], "the loss did not fall"
 PY
 
+echo "== 6. convert the trained model to Hugging Face and generate with it"
+"$PYTHON" tools/convert_checkpoint.py --load "$OUT/checkpoints" --save "$OUT/hf" --target-format hf \
+    --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt" --force
+"$PYTHON" - "$OUT/hf" <<'PY'
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from transformers import AutoModelForCausalLM
+from megatron_biomed.convert.ours import OursSource, build_model
+hf = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ours = build_model(OursSource(sys.argv[1].replace("/hf", "/checkpoints")))
+x = torch.randint(0, hf.config.vocab_size, (1, 64))
+with torch.no_grad():
+    diff = (hf(x).logits - ours(x)[..., :hf.config.vocab_size]).abs().max().item()
+print(f"transformers loads it: max |logits difference| vs our checkpoint = {diff:.2e}")
+assert diff <= 1e-4
+PY
+"$PYTHON" tools/generate.py --load "$OUT/hf" --prompt "The patients were randomized to" \
+    --max-new-tokens 24 --greedy --output "$OUT/completions.jsonl"
+"$PYTHON" -c "import json,sys; r=json.loads(open(sys.argv[1]).read()); print(repr(r['prompt']), '->', repr(r['completion']))" \
+    "$OUT/completions.jsonl"
+
 echo "== outputs"
 find "$OUT" -type f | sort | xargs ls -l

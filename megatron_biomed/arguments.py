@@ -20,6 +20,8 @@ def add_model_args(parser):
         g.add_argument(flag, dest=field, type=typ, default=None, help=f"override the preset's {field}")
     g.add_argument("--attention-backend", choices=["auto", "flash", "sdpa", "math"], default=None)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--activation", choices=["gelu_new", "gelu"], default=None,
+                   help="MLP activation: gelu_new (GPT-2/BioMedLM, tanh approximation) or exact gelu")
     g.add_argument("--no-scale-attn-by-inverse-layer-idx", dest="scale_attn_by_inverse_layer_idx",
                    action="store_false", default=None, help="plain GPT-2 attention scaling")
     return parser
@@ -42,7 +44,7 @@ def add_parallel_args(parser):
 
 def model_config(args):
     overrides = {f: getattr(args, f) for f, _ in _MODEL_FLAGS.values() if getattr(args, f, None) is not None}
-    for f in ("attention_backend", "recompute_granularity", "scale_attn_by_inverse_layer_idx"):
+    for f in ("attention_backend", "recompute_granularity", "scale_attn_by_inverse_layer_idx", "activation"):
         if getattr(args, f, None) is not None:
             overrides[f] = getattr(args, f)
     if "hidden_size" in overrides and "ffn_hidden_size" not in overrides:

@@ -17,6 +17,7 @@ class GPTConfig:
     layernorm_epsilon: float = 1e-5
     scale_attn_by_inverse_layer_idx: bool = True   # BioMedLM: scores / (layer_index + 1)
     init_method_std: float = 0.02
+    activation: str = "gelu_new"      # gelu_new (tanh approximation, GPT-2) | gelu (exact erf)
     make_vocab_size_divisible_by: int = 128
     attention_backend: str = "auto"   # auto | flash | sdpa | math
     recompute_granularity: str = None  # None | full | selective

@@ -146,3 +146,21 @@ def test_megatron_flags_and_environment():
     assert distributed_env(env) == (5, 8, 1, "gpu003", 20000 + 4242)
     assert distributed_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
                             "MASTER_PORT": "1234"}) == (1, 2, 1, "h", 1234)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_kv_cache_decoding_equals_full_forward(backend):
+    """Prefill a prompt, then feed tokens one and three at a time through the KV cache: every
+    position's logits equal one forward pass over the whole sequence."""
+    from megatron_biomed.model.gpt import KVCache
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", attention_backend=backend, init_method_std=0.2)).eval()
+    tokens = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.config, 2, 20)
+        parts = [model(tokens[:, :10], cache=cache)]
+        parts += [model(tokens[:, i:i + 1], cache=cache) for i in range(10, 17)]
+        parts.append(model(tokens[:, 17:], cache=cache))
+    assert cache.length == 20
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5

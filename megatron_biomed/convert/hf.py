@@ -1,35 +1,58 @@
-"""Our GPT <-> Hugging Face GPT2LMHeadModel: configuration and a name/layout mapping.
+"""Our GPT <-> Hugging Face GPT2LMHeadModel: configuration, tensor mapping, directory I/O.
 
 HF stores linear layers as Conv1D ([in, out]) and the fused QKV columns as (q|k|v, head, dim);
 ours are nn.Linear ([out, in]) with QKV rows as (head, q|k|v, dim) for tensor parallelism.
+The output layer is tied to the embedding in both, so it is stored once.
 """
+import json
+import os
+
 import torch
 
 from megatron_biomed.config import GPTConfig
+from megatron_biomed.convert import storage as S
+from megatron_biomed.convert.storage import CheckpointFormatError
+
+_HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 
 
-def to_hf_config(cfg: GPTConfig):
+def to_hf_config(cfg: GPTConfig, eos_token_id=None, dtype=None):
     from transformers import GPT2Config
-    eos = cfg.vocab_size - 1
-    return GPT2Config(
+    eos = cfg.vocab_size - 1 if eos_token_id is None else eos_token_id
+    hf = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.seq_length, n_embd=cfg.hidden_size,
         n_layer=cfg.num_layers, n_head=cfg.num_attention_heads, n_inner=cfg.ffn_hidden_size,
-        activation_function="gelu_new", resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
+        activation_function=cfg.activation, resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
         attn_pdrop=cfg.attention_dropout, layer_norm_epsilon=cfg.layernorm_epsilon,
         initializer_range=cfg.init_method_std, scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos)
+    hf.architectures = ["GPT2LMHeadModel"]
+    if dtype is not None:
+        hf.dtype = str(dtype).removeprefix("torch.")
+    return hf
 
 
 def from_hf_config(hf) -> GPTConfig:
-    if getattr(hf, "activation_function", "gelu_new") != "gelu_new":
-        raise ValueError(f"unsupported activation_function {hf.activation_function!r} (GPT-2 uses gelu_new)")
+    get = hf.get if isinstance(hf, dict) else lambda k, d=None: getattr(hf, k, d)
+    if get("model_type", "gpt2") != "gpt2":
+        raise CheckpointFormatError(f"model_type {get('model_type')!r} is not supported: only GPT-2-family "
+                                    f"checkpoints (GPT2LMHeadModel, BioMedLM) convert")
+    act = get("activation_function", "gelu_new")
+    if act not in _HF_ACTIVATIONS:
+        raise CheckpointFormatError(f"activation_function {act!r} is not supported (gelu_new or gelu)")
+    if not get("scale_attn_weights", True) or get("add_cross_attention", False):
+        raise CheckpointFormatError("scale_attn_weights=False / add_cross_attention=True are not supported")
+    if get("tie_word_embeddings", True) is False:
+        raise CheckpointFormatError("tie_word_embeddings=False: the model has a separate output layer, "
+                                    "ours ties it to the embedding")
+    n_embd = get("n_embd")
     return GPTConfig(
-        vocab_size=hf.vocab_size, seq_length=hf.n_positions, num_layers=hf.n_layer,
-        hidden_size=hf.n_embd, num_attention_heads=hf.n_head,
-        ffn_hidden_size=hf.n_inner or 4 * hf.n_embd, hidden_dropout=hf.resid_pdrop,
-        attention_dropout=hf.attn_pdrop, layernorm_epsilon=hf.layer_norm_epsilon,
-        scale_attn_by_inverse_layer_idx=bool(getattr(hf, "scale_attn_by_inverse_layer_idx", False)),
-        init_method_std=hf.initializer_range)
+        vocab_size=get("vocab_size"), seq_length=get("n_positions"), num_layers=get("n_layer"),
+        hidden_size=n_embd, num_attention_heads=get("n_head"),
+        ffn_hidden_size=get("n_inner") or 4 * n_embd, hidden_dropout=get("resid_pdrop", 0.1),
+        attention_dropout=get("attn_pdrop", 0.1), layernorm_epsilon=get("layer_norm_epsilon", 1e-5),
+        scale_attn_by_inverse_layer_idx=bool(get("scale_attn_by_inverse_layer_idx", False)),
+        init_method_std=get("initializer_range", 0.02), activation=_HF_ACTIVATIONS[act])
 
 
 def _qkv_to_hf(w, heads):  # ours (heads*3*d, ...) rows -> HF (3*heads*d, ...) rows
@@ -40,40 +63,191 @@ def _qkv_from_hf(w, heads):
     return w.reshape(3, heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
+def _transposed(name):
+    return name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+
+
+def hf_name(name):
+    return "transformer." + name
+
+
+def hf_shape(name, shape):
+    return tuple(reversed(shape)) if _transposed(name) else tuple(shape)
+
+
+def to_hf_tensor(name, t, cfg: GPTConfig):
+    """One of our (unsharded) tensors, named as in GPT, -> GPT2LMHeadModel's tensor."""
+    if name == "wte.weight":
+        t = t[:cfg.vocab_size]
+    elif name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+        t = _qkv_to_hf(t, cfg.num_attention_heads)
+    if _transposed(name):
+        t = t.t()
+    return t.contiguous()
+
+
+def from_hf_tensor(name, t, cfg: GPTConfig):
+    """GPT2LMHeadModel's tensor of our parameter `name` -> ours (embedding not padded)."""
+    if _transposed(name):
+        t = t.t()
+    if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+        t = _qkv_from_hf(t, cfg.num_attention_heads)
+    return t.contiguous()
+
+
 def to_hf_state_dict(sd, cfg: GPTConfig):
     """Our full (unsharded) state dict -> GPT2LMHeadModel's, padded vocabulary rows removed."""
-    out, heads = {}, cfg.num_attention_heads
-    for name, t in sd.items():
-        if name == "lm_head.weight":
-            continue  # tied to wte
-        if name == "wte.weight":
-            t = t[:cfg.vocab_size]
-        elif name.endswith("attn.c_attn.weight"):
-            t = _qkv_to_hf(t, heads).t()
-        elif name.endswith("attn.c_attn.bias"):
-            t = _qkv_to_hf(t, heads)
-        elif name.endswith(("c_proj.weight", "c_fc.weight")):
-            t = t.t()
-        out["transformer." + name] = t.contiguous()
+    out = {hf_name(n): to_hf_tensor(n, t, cfg) for n, t in sd.items() if n != "lm_head.weight"}
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 
 def from_hf_state_dict(hf_sd, cfg: GPTConfig, padded_vocab_size):
     """GPT2LMHeadModel's state dict -> ours (vocabulary padded with zero rows)."""
-    out, heads = {}, cfg.num_attention_heads
+    out = {}
     for name, t in hf_sd.items():
-        if name == "lm_head.weight" or name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
             continue
         name = name.removeprefix("transformer.")
+        t = from_hf_tensor(name, t, cfg)
         if name == "wte.weight":
             t = torch.cat([t, t.new_zeros(padded_vocab_size - t.shape[0], t.shape[1])])
-        elif name.endswith("attn.c_attn.weight"):
-            t = _qkv_from_hf(t.t(), heads)
-        elif name.endswith("attn.c_attn.bias"):
-            t = _qkv_from_hf(t, heads)
-        elif name.endswith(("c_proj.weight", "c_fc.weight")):
-            t = t.t()
-        out[name] = t.contiguous()
+        out[name] = t
     out["lm_head.weight"] = out["wte.weight"]
     return out
+
+
+# -- directories -------------------------------------------------------------------------------
+class HFSource:
+    """A Hugging Face GPT-2-family directory, read tensor by tensor."""
+
+    def __init__(self, directory):
+        from megatron_biomed.convert.common import expected_specs
+        self.directory = directory
+        path = os.path.join(directory, "config.json")
+        try:
+            with open(path) as f:
+                hf_config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointFormatError(f"{path}: cannot read a Hugging Face config ({e})") from None
+        archs = hf_config.get("architectures") or ["GPT2LMHeadModel"]
+        if not set(archs) & {"GPT2LMHeadModel", "GPT2Model"}:
+            raise CheckpointFormatError(f"{path}: architectures {archs} are not supported: only GPT2LMHeadModel "
+                                        f"(GPT-2, BioMedLM) checkpoints convert")
+        self.config = from_hf_config(hf_config)
+        self.hf_config = hf_config
+        self.description = f"Hugging Face {directory}"
+        self.iteration = 0
+        self._index = self._weights_index()
+        self.specs = expected_specs(self.config)
+        for name, (shape, _) in self.specs.items():
+            key = self._find(name)
+            got = self._shape(key)
+            if got != hf_shape(name, shape):
+                raise CheckpointFormatError(f"{self._file(key)}: tensor {key} has shape {got}, config.json "
+                                            f"implies {hf_shape(name, shape)}")
+        self.specs = {n: (shape, self._dtype(self._find(n))) for n, (shape, _) in self.specs.items()}
+        lm = self._index.get("lm_head.weight")
+        if lm is not None and not torch.equal(self._read("lm_head.weight"), self._read(self._find("wte.weight"))):
+            raise CheckpointFormatError(f"{directory}: lm_head.weight differs from the embedding (an untied "
+                                        f"output layer); our model ties them")
+
+    def _weights_index(self):
+        d = self.directory
+        for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
+            index_path = os.path.join(d, index_name)
+            if os.path.exists(index_path):
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+                files = sorted(set(weight_map.values()))
+                missing = [f for f in files if not os.path.isfile(os.path.join(d, f))]
+                if missing:
+                    raise CheckpointFormatError(f"{index_path}: missing shard file(s) {', '.join(missing)}")
+                return self._load_files(files, kind)
+        for name, kind in (("model.safetensors", "st"), ("pytorch_model.bin", "bin")):
+            if os.path.isfile(os.path.join(d, name)):
+                return self._load_files([name], kind)
+        raise CheckpointFormatError(f"{d}: no model.safetensors, model.safetensors.index.json or "
+                                    f"pytorch_model.bin")
+
+    def _load_files(self, files, kind):
+        index = {}
+        for fname in files:
+            path = os.path.join(self.directory, fname)
+            if kind == "st":
+                for name, entry in S.read_safetensors_header(path).items():
+                    index[name] = (path, entry)
+            else:
+                for name, t in S.torch_load_weights(path).items():  # mmap: read on use
+                    index[name] = (path, t)
+        return index
+
+    def _find(self, name):
+        for key in (hf_name(name), name):  # GPT2Model directories have no "transformer." prefix
+            if key in self._index:
+                return key
+        raise CheckpointFormatError(f"{self.directory}: tensor {hf_name(name)} is missing")
+
+    def _file(self, key):
+        return self._index[key][0]
+
+    def _shape(self, key):
+        v = self._index[key][1]
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else v[1]
+
+    def _dtype(self, key):
+        v = self._index[key][1]
+        return v.dtype if isinstance(v, torch.Tensor) else v[0]
+
+    def _read(self, key):
+        path, v = self._index[key]
+        return v.clone() if isinstance(v, torch.Tensor) else S.read_safetensors_tensor(path, v)
+
+    def model_tensor(self, name):
+        return from_hf_tensor(name, self._read(self._find(name)), self.config)
+
+    def tokenizer(self):
+        from megatron_biomed.data.tokenizer import load_tokenizer
+        d = self.directory
+        if os.path.isfile(os.path.join(d, "vocab.json")) and os.path.isfile(os.path.join(d, "merges.txt")):
+            return load_tokenizer("GPT2BPETokenizer", os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return load_tokenizer("HuggingFaceTokenizer", tokenizer_model=d)
+        return None
+
+
+def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, progress=None):
+    """Write `source` (any converter source) as a GPT2LMHeadModel directory in `out_dir`."""
+    from transformers import GenerationConfig
+
+    from megatron_biomed.data.tokenizer import EOD_TOKEN, save_tokenizer
+    cfg = source.config
+    eos = tokenizer.token_to_id(EOD_TOKEN) if tokenizer is not None else None
+    items = []
+    for name, (shape, src_dtype) in source.specs.items():
+        if name == "wte.weight":
+            shape = (cfg.vocab_size, shape[1])
+        items.append((hf_name(name), hf_shape(name, shape), dtype or src_dtype))
+    out_dtype = dtype or source.specs["wte.weight"][1]
+    to_hf_config(cfg, eos, out_dtype).save_pretrained(out_dir)
+    eos_id = cfg.vocab_size - 1 if eos is None else eos
+    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
+    shards = S.plan_shards(items, S.parse_size(max_shard_size))
+
+    def produce(key):
+        name = key.removeprefix("transformer.")
+        t = to_hf_tensor(name, source.model_tensor(name), cfg)
+        if progress is not None:
+            progress.update(t.numel() * t.element_size())
+        return t
+    weight_map, total = {}, 0
+    for fname, shard in shards:
+        S.write_safetensors(os.path.join(out_dir, fname), shard, produce)
+        for name, shape, dt in shard:
+            weight_map[name] = fname
+            total += S._numel(shape) * torch.empty((), dtype=dt).element_size()
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out_dir, cfg.seq_length)

@@ -51,17 +51,21 @@ class CoreAttention(nn.Module):
     def _attend(self, q, k, v):
         p = self.dropout if self.training else 0.0
         backend = self.resolved_backend(q)
+        T, S = q.shape[1], k.shape[1]  # S > T when decoding with a KV cache
         if backend == "flash":
             if flash_attn_func is None:
                 raise RuntimeError("--attention-backend flash needs the flash-attn package")
+            # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs
             return flash_attn_func(q, k, v, dropout_p=p, softmax_scale=self.scale, causal=True)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        # query i sits at position S - T + i and sees keys 0..S - T + i
+        mask = None if T == S or T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if backend == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                               is_causal=T == S and T > 1, scale=self.scale)
         else:  # math: the reference, softmax in fp32
-            T = q.shape[-2]
             att = (q @ k.transpose(-2, -1)).float() * self.scale
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
             att = att.masked_fill(~causal, float("-inf")).softmax(-1).to(q.dtype)
             y = F.dropout(att, p, self.training) @ v
         return y.transpose(1, 2)
@@ -75,11 +79,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.core = CoreAttention(config, layer_idx)
         self.resid_dropout = nn.Dropout(config.hidden_dropout)
+        self.layer_idx = layer_idx
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism this rank computes only its own heads.
         q, k, v = self.c_attn(x).view(B, T, -1, 3, self.head_dim).unbind(3)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
         y = self.core(q, k, v).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
@@ -90,9 +97,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.hidden_size, config.ffn_hidden_size)
         self.c_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        if config.activation not in ("gelu_new", "gelu"):
+            raise ValueError(f"--activation {config.activation!r}: choose gelu_new or gelu")
+        self.approximate = "tanh" if config.activation == "gelu_new" else "none"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # gelu_new
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -103,9 +113,27 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache=cache)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of the positions already seen, for generation one token at a time."""
+
+    def __init__(self, config, batch_size, max_length, device=None, dtype=torch.float32):
+        if max_length > config.seq_length:
+            raise ValueError(f"{max_length} tokens do not fit the model's {config.seq_length} positions")
+        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.length = 0  # positions filled; advanced by GPT.forward
+
+    def update(self, layer, k, v):
+        end = self.length + k.shape[1]
+        self.k[layer][:, self.length:end] = k
+        self.v[layer][:, self.length:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
 
 
 class GPT(nn.Module):
@@ -136,19 +164,19 @@ class GPT(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def embed(self, tokens):
-        T = tokens.shape[1]
+    def embed(self, tokens, start=0):
+        T = start + tokens.shape[1]
         if T > self.config.seq_length:
             raise ValueError(f"sequence of {T} tokens is longer than --seq-length {self.config.seq_length}")
-        positions = torch.arange(T, device=tokens.device).unsqueeze(0)
+        positions = torch.arange(start, T, device=tokens.device).unsqueeze(0)
         return self.drop(self.wte(tokens) + self.wpe(positions))
 
-    def blocks(self, x, layers=None):
+    def blocks(self, x, layers=None, cache=None):
         for block in (self.h if layers is None else layers):
             if self.config.recompute_granularity == "full" and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache=cache)
         return x
 
     def head(self, x):
@@ -157,8 +185,12 @@ class GPT(nn.Module):
             logits = mask_padded_vocab(logits, self.config.vocab_size)
         return logits
 
-    def forward(self, tokens, targets=None):
-        logits = self.head(self.blocks(self.embed(tokens)))
+    def forward(self, tokens, targets=None, cache=None):
+        """Logits (or the loss, given targets); with a KVCache, `tokens` continue the cached ones."""
+        start = cache.length if cache is not None else 0
+        logits = self.head(self.blocks(self.embed(tokens, start), cache=cache))
+        if cache is not None:
+            cache.length += tokens.shape[1]
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -50,6 +50,9 @@ def add_training_args(parser):
     g.add_argument("--save", default=None, help="directory for checkpoints")
     g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory if there is one")
     g.add_argument("--save-interval", type=int, default=None, help="save every this many iterations")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model's shape (layers, hidden, heads, vocabulary, ...) from the --load "
+                        "checkpoint, e.g. one converted from Hugging Face")
     g.add_argument("--no-load-optim", action="store_true", help="load model weights only; start a fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true",

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from megatron_biomed.convert.storage import SafeFileSystemReader, read_dcp_metadata
 from megatron_biomed.training.optimizer import init_optimizer_state
 from megatron_biomed.utils import atomic_output
 
@@ -84,6 +85,19 @@ def read_latest(root):
     return iteration
 
 
+def saved_model_config(root):
+    """The model settings (GPTConfig fields) of the latest checkpoint in `root`."""
+    iteration = read_latest(root)
+    if iteration is None:
+        raise CheckpointError(f"--use-checkpoint-args: no checkpoint in --load {root}")
+    path = os.path.join(iteration_dir(root, iteration), "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["config"]["model"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: no model settings ({e})") from None
+
+
 def save(root, iteration, model, optimizer, scaler, config, consumed_samples, layout, kill_hook=None):
     """Collective: every rank calls it."""
     rank = dist.get_rank()
@@ -137,8 +151,10 @@ def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True)
     d = iteration_dir(root, iteration)
     with open(os.path.join(d, "config.json")) as f:
         meta = json.load(f)
-    saved = dcp.FileSystemReader(d).read_metadata().state_dict_metadata
+    saved = read_dcp_metadata(os.path.join(d, ".metadata")).state_dict_metadata  # no arbitrary unpickling
     same_layout = meta.get("layout") == layout and meta.get("world_size") == dist.get_world_size()
+    if load_optim and optimizer is not None and iteration == 0 and not any(k.startswith("optim.") for k in saved):
+        load_optim = False  # an imported/converted model (no optimizer state yet): start the optimizer fresh
     sd = state_dict(model, optimizer if load_optim else None, scaler if load_optim else None,
                     rank_rng=load_rng and same_layout)
     sd["train.iteration"] = torch.zeros((), dtype=torch.int64)
@@ -148,8 +164,10 @@ def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True)
         missing.remove("train.loss_scaler")  # bf16/fp32 checkpoint loaded for fp16 training: fresh scaler
         del sd["train.loss_scaler"]
     if missing:
+        hint = ("it has no optimizer state: pass --no-load-optim or --finetune"
+                if all(k.startswith("optim.") for k in missing) else "a checkpoint of another model?")
         raise CheckpointError(f"{d}: has no {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
-                              f"(a checkpoint of another model?)")
+                              f"({hint})")
     for k in [k for k in sd if k.startswith("rng.") and k not in saved]:
         del sd[k]
     # The embedding is padded to a multiple of 128 x TP: another TP size can change its rows.
@@ -159,7 +177,7 @@ def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True)
             raise CheckpointError(f"{d}: {k} has shape {tuple(saved[k].size)}, the model needs "
                                   f"{tuple(_global_shape(padded[k]))} (another model configuration?)")
         sd[k] = torch.empty(tuple(saved[k].size), dtype=padded[k].dtype)
-    dcp.load(sd, checkpoint_id=d)
+    dcp.load(sd, storage_reader=SafeFileSystemReader(d))
     for k, target in padded.items():
         _copy_rows(target, sd[k])
     if "train.loss_scaler" in sd and scaler is not None:

@@ -70,6 +70,8 @@ class Trainer:
         self.device = M.init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.model_config = model_config(args)
+        if args.use_checkpoint_args:
+            self.model_config = self._checkpoint_model_config()
         self.parallel = parallel_config(args)
         self.parallel.validate(self.model_config, self.world)
         self.mesh = M.build_mesh(self.parallel, self.device.type)
@@ -102,6 +104,19 @@ class Trainer:
         self.peak = peak_tflops(args, self.device)
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoint_model_config(self):
+        from megatron_biomed.convert.common import config_from_dict
+        a = self.args
+        if not a.load:
+            raise ConfigError("--use-checkpoint-args needs --load")
+        saved = config_from_dict(C.saved_model_config(a.load))
+        cfg = saved.replace(attention_backend=self.model_config.attention_backend,
+                            recompute_granularity=self.model_config.recompute_granularity)
+        if a.vocab_file and a.vocab_size != cfg.vocab_size:
+            raise ConfigError(f"--vocab-file {a.vocab_file} has {a.vocab_size} tokens, the checkpoint's model "
+                              f"{cfg.vocab_size}")
+        return cfg
+
     def _load(self):
         a = self.args
         if not a.load or C.read_latest(a.load) is None:

@@ -1,0 +1,197 @@
+"""tools/convert_checkpoint.py: between our checkpoints (any layout), Hugging Face GPT-2-family
+directories and Megatron-LM torch_dist checkpoints, offline and one tensor at a time."""
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from megatron_biomed.convert import storage as S
+from megatron_biomed.convert.storage import CheckpointFormatError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Convert a checkpoint: ours (any TP/PP/DP layout) -> Hugging Face GPT2LMHeadModel, "
+                    "Hugging Face GPT-2/BioMedLM -> ours, ours -> ours in another TP/PP layout, or "
+                    "Megatron-LM torch_dist -> ours/HF. Runs offline in one process; writes into a "
+                    "temporary directory and renames it to --save when complete.")
+    p.add_argument("--load", required=True, help="source: our checkpoint root (or one iter_N dir), "
+                   "a Hugging Face directory, or a Megatron-LM checkpoint root")
+    p.add_argument("--save", required=True, help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("--target-format", required=True, choices=["hf", "megatron_biomed"])
+    p.add_argument("--source-format", default="auto", choices=["auto", "megatron_biomed", "hf", "megatron_lm"])
+    p.add_argument("--iteration", type=int, default=None, help="which saved iteration (default: the latest)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype of a Hugging Face output (default: as stored); ours are fp32")
+    p.add_argument("--max-shard-size", default="5GB", help="Hugging Face output: largest safetensors file")
+    p.add_argument("--vocab-file", default=None, help="tokenizer vocab.json to include (default: the one "
+                   "the source names or holds)")
+    p.add_argument("--merge-file", default=None, help="tokenizer merges.txt to include")
+    p.add_argument("--no-tokenizer", action="store_true", help="write a Hugging Face model without tokenizer files")
+    g = p.add_argument_group("Megatron-LM import (when its common.pt args are not readable)")
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="real (unpadded) vocabulary size")
+    g.add_argument("--activation", choices=["gelu_new", "gelu"], default=None,
+                   help="default: from the args (fused bias-gelu and --openai-gelu are gelu_new)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --save")
+    return p
+
+
+def detect_format(path):
+    cfg = os.path.join(path, "config.json")
+    if os.path.isfile(cfg):
+        with contextlib.suppress(OSError, ValueError):
+            with open(cfg) as f:
+                d = json.load(f)
+            if "model_type" in d or "architectures" in d or "n_embd" in d:
+                return "hf"
+            if "config" in d and os.path.isfile(os.path.join(path, ".metadata")):
+                return "megatron_biomed"
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return "megatron_lm"
+    latest = os.path.join(path, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(latest):
+        text = open(latest).read().strip()
+        sub = os.path.join(path, "release" if text == "release" else f"iter_{int(text):07d}"
+                           if text.isdigit() else text)
+        if os.path.isfile(os.path.join(sub, "metadata.json")):
+            return "megatron_lm"
+        if os.path.isfile(os.path.join(sub, "config.json")):
+            return "megatron_biomed"
+    if not os.path.exists(path):
+        raise CheckpointFormatError(f"--load {path}: no such directory")
+    raise CheckpointFormatError(f"--load {path}: cannot tell its format (no config.json, metadata.json or "
+                                f"latest_checkpointed_iteration.txt); pass --source-format")
+
+
+def open_source(args):
+    fmt = args.source_format if args.source_format != "auto" else detect_format(args.load)
+    vocab_size = args.vocab_size
+    if fmt == "megatron_lm" and vocab_size is None and args.vocab_file:
+        with open(args.vocab_file, encoding="utf-8") as f:
+            vocab_size = len(json.load(f))
+    if fmt == "hf":
+        from megatron_biomed.convert.hf import HFSource
+        if args.iteration is not None:
+            raise CheckpointFormatError("--iteration applies to our and Megatron-LM checkpoints, not Hugging Face")
+        return HFSource(args.load)
+    if fmt == "megatron_lm":
+        from megatron_biomed.convert.megatron_lm import MegatronLMSource
+        return MegatronLMSource(args.load, args.iteration, args.num_attention_heads, vocab_size, args.activation)
+    from megatron_biomed.convert.ours import OursSource
+    return OursSource(args.load, args.iteration)
+
+
+def _tokenizer(args, source):
+    from megatron_biomed.data.tokenizer import load_tokenizer
+    if args.no_tokenizer:
+        return None
+    if args.vocab_file or args.merge_file:
+        return load_tokenizer("GPT2BPETokenizer", args.vocab_file, args.merge_file)
+    tok = source.tokenizer()
+    if tok is None and args.target_format == "hf":
+        raise CheckpointFormatError(f"--load {args.load}: no tokenizer files found with the checkpoint; pass "
+                                    f"--vocab-file and --merge-file (or --no-tokenizer to write the model only)")
+    if tok is not None and tok.get_vocab_size() > source.config.vocab_size:
+        raise CheckpointFormatError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model "
+                                    f"{source.config.vocab_size}")
+    return tok
+
+
+def _pause_hook():
+    """Fault injection for the interrupted-conversion test: stop after the first tensor."""
+    if not os.environ.get("MEGATRON_BIOMED_TEST_PAUSE_IN_CONVERT"):
+        return lambda: None
+    state = {"n": 0}
+
+    def hook():
+        state["n"] += 1
+        if state["n"] == 2:
+            print("test hook: paused inside the conversion", file=sys.stderr, flush=True)
+            time.sleep(3600)
+    return hook
+
+
+class _Progress:
+    def __init__(self, total):
+        from megatron_biomed.utils import progress
+        self.bar = progress(total=total, unit="B", unit_scale=True, desc="converting")
+        self.hook = _pause_hook()
+
+    def update(self, n):
+        self.bar.update(n)
+        self.hook()
+
+
+def convert(args):
+    save = os.path.abspath(args.save)
+    if os.path.abspath(args.load) == save:
+        raise CheckpointFormatError("--save must differ from --load")
+    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)) and not args.force:
+        raise FileExistsError(f"--save {args.save} exists and is not empty; pass --force to replace it")
+    source = open_source(args)
+    tokenizer = _tokenizer(args, source)
+    from megatron_biomed.convert.ours import check_layout, model_size_bytes, write_ours
+    total = model_size_bytes(source)
+    if args.target_format == "megatron_biomed":
+        check_layout(source.config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
+        total += sum(S._numel(s) * torch.empty((), dtype=d).element_size()
+                     for s, d in getattr(source, "extra_specs", {}).values())
+    tmp = save + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion
+    os.makedirs(tmp)
+    t0 = time.time()
+    bar = _Progress(total)
+    try:
+        if args.target_format == "hf":
+            from megatron_biomed.convert.hf import write_hf
+            write_hf(source, tmp, DTYPES.get(args.dtype), args.max_shard_size, tokenizer, bar)
+        else:
+            if args.dtype not in (None, "fp32"):
+                raise CheckpointFormatError("our checkpoints keep fp32 master weights; --dtype applies to hf output")
+            write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                       tokenizer, bar)
+        bar.bar.close()
+        if os.path.exists(save):
+            old = save + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(save, old)
+            os.replace(tmp, save)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, save)
+    except BaseException:
+        bar.bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cfg = source.config
+    layout = "" if args.target_format == "hf" else \
+        f" (layout tp={args.target_tensor_parallel_size} pp={args.target_pipeline_parallel_size})"
+    print(f"converted {source.description} -> {args.target_format} {args.save}{layout}: {cfg.num_layers} layers, "
+          f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {total / 1e9:.2f} GB in {time.time() - t0:.1f} s"
+          f"{'' if tokenizer is not None else ', no tokenizer'}", flush=True)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        convert(args)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to --save", file=sys.stderr)
+        return 130
+    return 0

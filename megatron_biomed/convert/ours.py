@@ -1,0 +1,187 @@
+"""Our own checkpoints (see training/checkpoint.py) read and written offline, one tensor at a
+time, without a process group: the source for export and resharding, the target for imports."""
+import json
+import os
+
+import torch
+
+from megatron_biomed.config import LayoutError, ParallelConfig
+from megatron_biomed.convert import storage as S
+from megatron_biomed.convert.common import config_from_dict, expected_specs
+from megatron_biomed.convert.storage import CheckpointFormatError
+from megatron_biomed.training.checkpoint import LATEST, iteration_dir
+
+TOKENIZER_DIR = "tokenizer"  # tokenizer files kept beside an imported checkpoint
+_OPTIM_STATES = ("exp_avg", "exp_avg_sq", "step")
+
+
+def resolve_iteration_dir(path, iteration=None):
+    """`path` is a checkpoint root (holding latest_checkpointed_iteration.txt) or one iter_N dir."""
+    if os.path.isfile(os.path.join(path, ".metadata")) and iteration is None:
+        return path, os.path.dirname(os.path.abspath(path))
+    if iteration is None:
+        latest = os.path.join(path, LATEST)
+        if not os.path.isfile(latest):
+            raise CheckpointFormatError(f"{path}: no {LATEST} and no .metadata: not a checkpoint")
+        text = open(latest).read().strip()
+        if not text.isdigit():
+            raise CheckpointFormatError(f"{latest}: expected an iteration number, found {text!r}")
+        iteration = int(text)
+    d = iteration_dir(path, iteration)
+    if not os.path.isdir(d):
+        raise CheckpointFormatError(f"{path}: no checkpoint for iteration {iteration} ({d} is missing)")
+    return d, path
+
+
+class OursSource:
+    def __init__(self, path, iteration=None):
+        self.directory, self.root = resolve_iteration_dir(path, iteration)
+        meta_path = os.path.join(self.directory, "config.json")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            model = self.meta["config"]["model"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointFormatError(f"{meta_path}: not a megatron_biomed checkpoint config ({e})") from None
+        self.config = config_from_dict(model)
+        self.iteration = int(self.meta.get("iteration", 0))
+        self.consumed_samples = int(self.meta.get("consumed_samples", 0))
+        self.description = f"megatron_biomed {self.directory}"
+        self.reader = S.DCPReader(self.directory)
+        self.specs = {}
+        for name, (shape, _) in expected_specs(self.config).items():
+            key = "model." + name
+            if key not in self.reader.tensors:
+                raise CheckpointFormatError(f"{self.directory}: tensor {key} is missing")
+            got = self.reader.shape(key)
+            ok = got == shape or (name == "wte.weight" and got[1:] == shape[1:] and got[0] >= shape[0])
+            if not ok:
+                raise CheckpointFormatError(f"{self.directory}: tensor {key} has shape {got}, its config.json "
+                                            f"implies {shape}")
+            self.specs[name] = (shape, self.reader.dtype(key))
+        self.extra_specs = {k: (self.reader.shape(k), self.reader.dtype(k)) for k in self.reader.tensors
+                            if k.startswith(("optim.", "train."))}
+
+    def model_tensor(self, name):
+        t = self.reader.read("model." + name)
+        return t[:self.config.vocab_size] if name == "wte.weight" else t
+
+    def extra_tensor(self, key):
+        return self.reader.read(key)
+
+    def has_optimizer(self):
+        return any(k.startswith("optim.") for k in self.extra_specs)
+
+    def tokenizer_files(self):
+        """(vocab.json, merges.txt) recorded by training or kept beside the checkpoint, or None."""
+        cfg = self.meta.get("config", {})
+        candidates = [(cfg.get("vocab_file"), cfg.get("merge_file")),
+                      (os.path.join(self.root, TOKENIZER_DIR, "vocab.json"),
+                       os.path.join(self.root, TOKENIZER_DIR, "merges.txt"))]
+        for vocab, merges in candidates:
+            if vocab and merges and os.path.isfile(vocab) and os.path.isfile(merges):
+                return vocab, merges
+        return None
+
+    def tokenizer(self):
+        from megatron_biomed.data.tokenizer import load_tokenizer
+        files = self.tokenizer_files()
+        return load_tokenizer("GPT2BPETokenizer", *files) if files else None
+
+
+def _pad_rows(t, rows):
+    if t.shape[0] >= rows:
+        return t[:rows]
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def check_layout(cfg, tensor_parallel_size, pipeline_parallel_size):
+    try:
+        ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
+                       pipeline_model_parallel_size=pipeline_parallel_size).validate(
+            cfg, tensor_parallel_size * pipeline_parallel_size)
+    except LayoutError as e:
+        raise CheckpointFormatError(f"target layout: {e}") from None
+
+
+def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1, tokenizer=None,
+               progress=None, dtype=torch.float32):
+    """Write `source` as our checkpoint (root `out_dir`, one iteration) laid out for TP x PP:
+    the embedding padded for that TP size, optimizer state carried over from our own
+    checkpoints. DCP maps the tensors onto the ranks of that layout when training loads it."""
+    cfg = source.config
+    check_layout(cfg, tensor_parallel_size, pipeline_parallel_size)
+    padded = cfg.padded_vocab_size(tensor_parallel_size)
+    specs, producers = {}, {}
+    for name, (shape, _) in source.specs.items():
+        if name == "wte.weight":
+            shape = (padded, shape[1])
+        specs["model." + name] = (shape, dtype)
+    extra = getattr(source, "extra_specs", {})
+    for key, (shape, dt) in extra.items():
+        if key.startswith("optim.wte.weight.") and len(shape) == 2:
+            shape = (padded, shape[1])
+        specs[key] = (shape, dt)
+    iteration = source.iteration
+    consumed = getattr(source, "consumed_samples", 0)
+    for key, value in (("train.iteration", iteration), ("train.consumed_samples", consumed)):
+        specs.setdefault(key, ((), torch.int64))
+        producers[key] = lambda v=value: torch.tensor(v, dtype=torch.int64)
+
+    def produce(key):
+        if key in producers:
+            return producers[key]()
+        if key.startswith("model."):
+            name = key[len("model."):]
+            t = source.model_tensor(name).to(dtype)
+            if name == "wte.weight":
+                t = _pad_rows(t[:cfg.vocab_size], padded)
+        else:
+            t = source.extra_tensor(key)
+            if key.startswith("optim.wte.weight.") and t.dim() == 2:
+                t = _pad_rows(t[:cfg.vocab_size], padded)
+        if progress is not None:
+            progress.update(t.numel() * t.element_size())
+        return t
+
+    d = iteration_dir(out_dir, iteration)
+    os.makedirs(d)
+    S.write_dcp(d, specs, produce)
+    meta = {"iteration": iteration, "consumed_samples": consumed,
+            "layout": {"tp": tensor_parallel_size, "pp": pipeline_parallel_size},
+            "world_size": None, "converted_from": source.description,
+            "config": {"model": dict(preset=None, **vars(cfg))}}
+    if tokenizer is not None:
+        from megatron_biomed.data.tokenizer import save_tokenizer
+        save_tokenizer(tokenizer, os.path.join(out_dir, TOKENIZER_DIR), cfg.seq_length)
+        meta["config"]["vocab_file"] = None  # resolved to <root>/tokenizer/ on load
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    with open(os.path.join(out_dir, LATEST), "w") as f:
+        f.write(f"{iteration}\n")
+
+
+def model_size_bytes(source):
+    n = 0
+    for shape, dt in source.specs.values():
+        n += S._numel(shape) * torch.empty((), dtype=dt).element_size()
+    return n
+
+
+def build_model(source, device="cpu", dtype=torch.float32):
+    """Our GPT (one process) with the weights of any source, loaded tensor by tensor."""
+    from megatron_biomed.model.gpt import GPT
+    with torch.device("meta"):
+        model = GPT(source.config)
+    model = model.to_empty(device=device)
+    model.lm_head.weight = model.wte.weight  # to_empty keeps the tie only by name
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in source.specs:
+            t = source.model_tensor(name)
+            p = params[name]
+            if name == "wte.weight":
+                t = _pad_rows(t, p.shape[0])
+            p.copy_(t)
+    return model.to(dtype).eval()
+

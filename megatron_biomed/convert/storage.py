@@ -1,0 +1,264 @@
+"""Streaming reads and writes of the checkpoint files we convert between, one tensor in memory
+at a time: DCP directories (ours, Megatron-LM's torch_dist) and safetensors files.
+
+Security: a DCP directory's `.metadata` is a pickle, which torch reads with `pickle.load` (able
+to run any code a crafted file names). We read it with an unpickler that only builds DCP's own
+metadata classes; tensors themselves are read by DCP with `torch.load(weights_only=True)`.
+"""
+import json
+import os
+import pickle
+import struct
+
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint that cannot be read or converted; the message names the file or tensor."""
+
+
+# -- DCP ---------------------------------------------------------------------------------------
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem")
+_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        obj = None
+        if (module, name) in _ALLOWED or (module in _DCP_MODULES and not name.startswith("__")):
+            obj = super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            obj = getattr(torch, name)
+        if obj is None or (module in _DCP_MODULES and not isinstance(obj, (type, dict))):
+            raise CheckpointFormatError(f"{self.path}: refusing to unpickle {module}.{name} "
+                                        f"(not part of a checkpoint's metadata)")
+        return obj
+
+
+def read_dcp_metadata(path):
+    """The Metadata of a DCP directory, unpickled with the allowlist above."""
+    with open(path, "rb") as f:
+        return _MetadataUnpickler(f, path).load()
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata read cannot run code."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        metadata = read_dcp_metadata(str(self._get_metadata_path(rank)))
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class DCPReader:
+    """Random access to the tensors of a DCP directory without a process group."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        meta_path = os.path.join(self.directory, ".metadata")
+        if not os.path.isfile(meta_path):
+            raise CheckpointFormatError(f"{self.directory}: not a checkpoint directory (no .metadata)")
+        try:
+            self.metadata = read_dcp_metadata(meta_path)
+        except CheckpointFormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise CheckpointFormatError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+        files = sorted({str(info.relative_path) for info in (self.metadata.storage_data or {}).values()})
+        missing = [f for f in files if not os.path.isfile(os.path.join(self.directory, f))]
+        if missing:
+            raise CheckpointFormatError(f"{self.directory}: missing shard file(s) {', '.join(missing)} "
+                                        f"(an incomplete copy of the checkpoint?)")
+        self.tensors = {k: m for k, m in self.metadata.state_dict_metadata.items()
+                        if isinstance(m, TensorStorageMetadata)}
+        self.objects = {k for k, m in self.metadata.state_dict_metadata.items()
+                        if isinstance(m, BytesStorageMetadata)}
+
+    def shape(self, key):
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key):
+        return self.tensors[key].properties.dtype
+
+    def read(self, key):
+        if key not in self.tensors:
+            raise CheckpointFormatError(f"{self.directory}: has no tensor {key!r}")
+        t = torch.empty(self.shape(key), dtype=self.dtype(key))
+        self.read_into({key: t})
+        return t
+
+    def read_into(self, tensors):
+        """Fill several tensors (keyed by checkpoint key) in one pass over the files."""
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*single process")
+                dcp.load(tensors, storage_reader=SafeFileSystemReader(self.directory), no_dist=True)
+        except CheckpointFormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated shard, foreign format
+            raise CheckpointFormatError(f"{self.directory}: cannot read {', '.join(list(tensors)[:3])}: "
+                                        f"{type(e).__name__}: {e}") from None
+
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """Plans from meta tensors (shapes only) and produces each tensor when it is written."""
+
+    def __init__(self, produce):
+        super().__init__()
+        self._produce = produce
+
+    def resolve_data(self, write_item):
+        return self._produce(write_item.index.fqn)
+
+
+def write_dcp(directory, specs, produce):
+    """Write a DCP checkpoint of `specs` ({key: (shape, dtype)}) into `directory`, calling
+    `produce(key)` for each tensor as it is written, so only one is in memory at a time."""
+    state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
+
+    def checked(key):
+        t = produce(key).detach().to("cpu").contiguous()
+        want = tuple(specs[key][0])
+        if tuple(t.shape) != want or t.dtype != specs[key][1]:
+            raise CheckpointFormatError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {want} {specs[key][1]}")
+        return t
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.save(state, storage_writer=FileSystemWriter(directory, thread_count=1, sync_files=True),
+                 planner=_StreamingSavePlanner(checked), no_dist=True)
+
+
+# -- safetensors -------------------------------------------------------------------------------
+# The format is an 8-byte little-endian header length, a JSON header and the raw bytes; writing
+# and reading it here lets a shard stream to and from disk tensor by tensor (the safetensors
+# package builds a whole shard in memory to write it).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors_header(path):
+    """{name: (dtype, shape, begin, end)} with absolute byte offsets."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        size = os.path.getsize(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: not a safetensors file ({e})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _ST_DTYPES:
+            raise CheckpointFormatError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        if end > size:
+            raise CheckpointFormatError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+        out[name] = (_ST_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+    return out
+
+
+def read_safetensors_tensor(path, entry):
+    dtype, shape, begin, end = entry
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes != end - begin:
+        raise CheckpointFormatError(f"{path}: a tensor of shape {shape} {dtype} has {end - begin} bytes")
+    if nbytes:
+        with open(path, "rb") as f:
+            f.seek(begin)
+            if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+                raise CheckpointFormatError(f"{path}: truncated")
+    return t
+
+
+def write_safetensors(path, items, produce):
+    """Write [(name, shape, dtype), ...] to `path`, calling `produce(name)` for each tensor in turn."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in items:
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in items:
+            t = produce(name).detach().to("cpu", dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointFormatError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(shape)}")
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def plan_shards(items, max_bytes, prefix="model"):
+    """Split [(name, shape, dtype)] into files of at most max_bytes (a tensor larger than that
+    gets a file of its own), named as transformers names them."""
+    shards, current, size = [], [], 0
+    for item in items:
+        nbytes = _numel(item[1]) * torch.empty((), dtype=item[2]).element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += nbytes
+    if current:
+        shards.append(current)
+    if len(shards) == 1:
+        return [(f"{prefix}.safetensors", shards[0])]
+    n = len(shards)
+    return [(f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
+
+
+def parse_size(text):
+    """'5GB', '500MB', '2GiB' or a number of bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    s = str(text).strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[:-len(unit)]) * units[unit])
+    return int(s)
+
+
+def torch_load_weights(path):
+    """A pytorch_model.bin: only tensors and plain containers are unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointFormatError(f"{path}: refusing to load: it holds objects other than tensors "
+                                    f"({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointFormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+

@@ -1,0 +1,164 @@
+"""Text generation with our GPT: a KV cache, greedy decoding or sampling with temperature,
+top-k and top-p, stopping at <|endoftext|>. Greedy decoding matches transformers' `generate`."""
+import torch
+
+from megatron_biomed.model.gpt import KVCache
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """-inf outside the top-k tokens and outside the smallest set whose probability exceeds top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # the tokens after the nucleus is complete
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """logits: (vocab,) float. Greedy when temperature is 0."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, eos_id=None,
+             generator=None):
+    """Continue one prompt (a list of token ids); returns (new token ids, finish reason).
+    The reason is "eos" (the returned ids end with eos_id), "length" (max_new_tokens) or
+    "context" (the model's positions are used up)."""
+    cfg = model.config
+    if not prompt_ids:
+        raise ValueError("empty prompt: give at least one token")
+    if len(prompt_ids) >= cfg.seq_length:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model has {cfg.seq_length} positions")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    total = min(len(prompt_ids) + max_new_tokens, cfg.seq_length)
+    cache = KVCache(cfg, 1, total, device, dtype)
+    tokens = torch.tensor([prompt_ids], device=device)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens, cache=cache)[0, -1, :cfg.vocab_size]
+        token = next_token(logits, temperature, top_k, top_p, generator)
+        out.append(token)
+        if token == eos_id:
+            return out, "eos"
+        if len(out) == max_new_tokens:
+            break
+        if cache.length >= total:
+            return out, "context"
+        tokens = torch.tensor([[token]], device=device)
+    return out, "length"
+
+
+# -- tools/generate.py -------------------------------------------------------------------------
+def build_parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        description="Generate text from our checkpoint (any TP/PP layout, loaded as one process) or a "
+                    "Hugging Face GPT-2-family directory. Prompts come from --prompt or a JSONL --input; "
+                    "completions are written as JSONL (one record per prompt, the input's fields kept).")
+    p.add_argument("--load", required=True, help="our checkpoint root / iter_N dir, or a Hugging Face directory")
+    p.add_argument("--iteration", type=int, default=None, help="our checkpoints: which iteration (default latest)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--input", default=None, help="JSONL file of prompts")
+    p.add_argument("--prompt-key", default="prompt", help="the field of --input records holding the prompt")
+    p.add_argument("--output", default="-", help="JSONL output file (default: standard output)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default when --temperature is 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-stop-at-eos", action="store_true", help="keep generating past <|endoftext|>")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--vocab-file", default=None, help="tokenizer vocab.json (default: the checkpoint's)")
+    p.add_argument("--merge-file", default=None, help="tokenizer merges.txt")
+    return p
+
+
+def _prompts(args):
+    import json
+    for text in args.prompt:
+        yield {args.prompt_key: text}
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{args.input}:{line_no}: not JSON ({e})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(args.prompt_key), str):
+                    raise ValueError(f"{args.input}:{line_no}: no string field {args.prompt_key!r}")
+                yield record
+
+
+def main(argv=None):
+    import contextlib
+    import json
+    import sys
+
+    from megatron_biomed.convert.cli import detect_format
+    from megatron_biomed.convert.ours import build_model
+    from megatron_biomed.convert.storage import CheckpointFormatError
+    from megatron_biomed.data.tokenizer import EOD_TOKEN, load_tokenizer
+    from megatron_biomed.utils import atomic_output
+    args = build_parser().parse_args(argv)
+    if not args.prompt and not args.input:
+        print("error: give --prompt or --input", file=sys.stderr)
+        return 2
+    try:
+        fmt = detect_format(args.load)
+        if fmt == "hf":
+            from megatron_biomed.convert.hf import HFSource
+            source = HFSource(args.load)
+        elif fmt == "megatron_biomed":
+            from megatron_biomed.convert.ours import OursSource
+            source = OursSource(args.load, args.iteration)
+        else:
+            raise CheckpointFormatError(f"--load {args.load}: convert a {fmt} checkpoint first "
+                                        f"(tools/convert_checkpoint.py)")
+        if args.vocab_file or args.merge_file:
+            tok = load_tokenizer("GPT2BPETokenizer", args.vocab_file, args.merge_file)
+        else:
+            tok = source.tokenizer()
+        if tok is None:
+            raise CheckpointFormatError(f"--load {args.load}: no tokenizer with the checkpoint; pass "
+                                        f"--vocab-file and --merge-file")
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        model = build_model(source, device, dtype)
+        eos = None if args.no_stop_at_eos else tok.token_to_id(EOD_TOKEN)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        temperature = 0.0 if args.greedy else args.temperature
+        records = list(_prompts(args))
+        out = sys.stdout if args.output == "-" else None
+        with (atomic_output(args.output, "w", encoding="utf-8") if out is None else contextlib.nullcontext(out)) as f:
+            for record in records:
+                ids = tok.encode(record[args.prompt_key]).ids
+                if len(ids) >= model.config.seq_length:  # keep the end: it is what gets continued
+                    print(f"warning: prompt of {len(ids)} tokens cut to its last {model.config.seq_length - 1}",
+                          file=sys.stderr)
+                    ids = ids[-(model.config.seq_length - 1):]
+                new, reason = generate(model, ids, args.max_new_tokens, temperature, args.top_k, args.top_p,
+                                       eos, generator)
+                text = tok.decode(new[:-1] if reason == "eos" else new)
+                f.write(json.dumps(dict(record, completion=text, prompt_tokens=len(ids),
+                                        completion_tokens=len(new), finish_reason=reason),
+                                   ensure_ascii=False) + "\n")
+                f.flush()
+    except (CheckpointFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
