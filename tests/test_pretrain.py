@@ -266,3 +266,10 @@ def test_lr_schedule_and_loss_scaler():
     for _ in range(3):
         s.update(False)
     assert s.scale == 1024
+
+
+def test_unused_empty_split_is_skipped(dataset, tmp_path):
+    """--split 949,50,1 on 400 documents leaves the test split empty; with --eval-iters 0 nothing
+    is asked of it, and training runs (megatron-core alone would loop forever building it)."""
+    out = train(1, base_args(dataset, tmp_path, iters=2, split="949,50,1"))
+    assert "iteration        2/" in out

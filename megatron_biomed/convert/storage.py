@@ -140,7 +140,10 @@ def write_dcp(directory, specs, produce):
         return t
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process")
-        dcp.save(state, storage_writer=FileSystemWriter(directory, thread_count=1, sync_files=True),
+        # One file per tensor: torch's writer keeps every tensor of a file alive until the file
+        # is complete, so one file for everything would hold the whole model in memory.
+        dcp.save(state, storage_writer=FileSystemWriter(directory, single_file_per_rank=False, thread_count=1,
+                                                        sync_files=True),
                  planner=_StreamingSavePlanner(checked), no_dist=True)
 
 

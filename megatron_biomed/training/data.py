@@ -127,7 +127,8 @@ def build_datasets(args, vocab_size, eod, global_batch_size, seq_length):
         path_to_cache=args.data_cache_path, tokenizer=_TokenizerInfo(vocab_size, eod),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False, mid_level_dataset_surplus=0.005)
-    _check_splits(prefixes, config.split_matrix, sizes, args.split)
+    for i in _check_splits(prefixes, config.split_matrix, sizes, args.split):
+        config.split_matrix[i] = None  # unused and empty: megatron-core would loop on it forever
     try:
         datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     except (AssertionError, ValueError, IndexError) as e:
@@ -142,19 +143,25 @@ def build_datasets(args, vocab_size, eod, global_batch_size, seq_length):
 
 
 def _check_splits(prefixes, split_matrix, sizes, split):
-    """megatron-core loops forever on a split with no tokens: refuse it here, by name."""
+    """megatron-core loops forever on a split with no tokens: refuse one that is needed, by name;
+    returns the indices of empty splits that are not needed (no samples asked of them)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+    unused_empty = set()
     for prefix in prefixes:
         indexed = IndexedDataset(prefix)  # keep it alive: its arrays are views of its mmap
         lengths = indexed.sequence_lengths
         n = len(lengths)
-        for name, bounds, size in zip(("train", "valid", "test"), split_matrix, sizes):
-            if not size or bounds is None:
+        for i, (name, bounds, size) in enumerate(zip(("train", "valid", "test"), split_matrix, sizes)):
+            if bounds is None:
                 continue
             beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
             if int(lengths[beg:end].sum(dtype=np.int64)) == 0:
+                if not size:
+                    unused_empty.add(i)
+                    continue
                 raise DataError(f"--split {split} gives the {name} split none of the {n} sequences of {prefix}; "
                                 f"use a larger share for it{' or --eval-iters 0' if name != 'train' else ''}")
+    return sorted(unused_empty)
 
 
 def get_batch(dataset, step, global_batch_size, dp_rank, dp_size):

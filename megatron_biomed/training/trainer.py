@@ -26,6 +26,9 @@ from megatron_biomed.training.metrics import Metrics, peak_memory_gb, peak_tflop
 from megatron_biomed.training.optimizer import LossScaler, build_optimizer, lr_at, set_lr
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: saved and stopped early; slurm/ scripts requeue on it
+# Written into --save beside the checkpoints on such an exit, for launchers that do not pass the
+# exit code on (torchrun): slurm/pretrain_biomedlm.sbatch requeues when it is there.
+RESUMABLE_MARKER = "resumable_exit.txt"
 
 
 class TrainingError(RuntimeError):
@@ -204,6 +207,8 @@ class Trainer:
     def train(self, signals):
         a = self.args
         start = time.time()
+        if a.save and self.rank == 0 and os.path.exists(os.path.join(a.save, RESUMABLE_MARKER)):
+            os.remove(os.path.join(a.save, RESUMABLE_MARKER))
         tokens_per_batch = self.gbs * self.model_config.seq_length
         interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0}
         _print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {self.gbs} x "
@@ -236,6 +241,9 @@ class Trainer:
                     self.save()
                 _print0(f"{reason}: stopping at iteration {self.iteration}"
                         f"{' (checkpoint saved; resume with --load)' if a.save else ' (no --save: nothing saved)'}")
+                if a.save and self.rank == 0:
+                    with open(os.path.join(a.save, RESUMABLE_MARKER), "w") as f:
+                        f.write(f"{self.iteration} {reason}\n")
                 return EXIT_RESUMABLE
             if a.exit_interval and self.iteration % a.exit_interval == 0:
                 if a.save and self.last_saved != self.iteration:

@@ -1,0 +1,147 @@
+"""Our slurm/ scripts submitted to a real one-host Slurm cluster (slurmctld + slurmd + munge on
+localhost, tests/slurm/cluster.sh), with CPU-sized settings: gloo, the tiny model, 2 tasks."""
+import filecmp
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_tool
+from test_pretrain import dataset, scalars  # noqa: F401 - dataset is a fixture
+from test_slurm_preprocess import make_inputs
+
+CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
+PRETRAIN = os.path.join(ROOT, "slurm", "pretrain_biomedlm.sbatch")
+SCRIPTS = [os.path.join(ROOT, "slurm", f) for f in ("pretrain_biomedlm.sbatch", "convert_checkpoint.sbatch",
+                                                     "preprocess_pubmed.sbatch")] + [CLUSTER]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_scripts_pass_bash_n_and_shellcheck(script):
+    subprocess.run(["bash", "-n", script], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    r = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    r = subprocess.run(["bash", CLUSTER, "install"], capture_output=True, text=True, timeout=600)
+    if r.returncode == 3:
+        pytest.skip(f"no Slurm cluster possible here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    d = tmp_path_factory.mktemp("slurm")
+    r = subprocess.run(["bash", CLUSTER, "start", str(d)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
+    yield env
+    subprocess.run(["bash", CLUSTER, "stop", str(d)], capture_output=True, timeout=60)
+
+
+def sbatch(env, *args):
+    r = subprocess.run(["sbatch", "--parsable", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def job_info(env, jid):
+    r = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+
+
+def wait_for(env, jid, states, timeout=300, log=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(env, jid)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(0.5)
+    tail = open(log).read()[-4000:] if log and os.path.exists(log) else ""
+    raise AssertionError(f"job {jid} not in {states} after {timeout} s: {job_info(env, jid)}\n{tail}")
+
+
+def pretrain_env(slurm, ds, tmp_path, iters, extra=""):
+    return dict(slurm, DATA_PATH=ds["prefix"], VOCAB_FILE=ds["vocab"], CONFIG="examples/configs/tiny.yaml",
+                GPUS_PER_NODE="0", TP="2", PP="1", OUTPUT_ROOT=str(tmp_path / "runs"), RUN_NAME="tiny",
+                PYTHON=sys.executable, OMP_NUM_THREADS="1",
+                EXTRA_ARGS=f"--train-iters {iters} --seq-length 32 --global-batch-size 8 --micro-batch-size 2 "
+                           f"--eval-iters 0 --log-interval 1 --lr-warmup-iters 2 {extra}")
+
+
+SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"]
+
+
+@pytest.mark.slow
+def test_pretraining_job_trains_and_writes_checkpoints(slurm, dataset, tmp_path):  # noqa: F811
+    log = tmp_path / "job.out"
+    jid = sbatch(pretrain_env(slurm, dataset, tmp_path, 6, "--save-interval 3"), *SBATCH_CPU,
+                 f"--output={log}", PRETRAIN)
+    info = wait_for(slurm, jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert (ckpt / "iter_0000003").is_dir() and (ckpt / "iter_0000006").is_dir()
+    assert "world 2" in text and re.search(r"iteration\s+6/\s+6", text)
+    assert sorted(scalars(tmp_path / "runs" / "tiny" / "tensorboard", "train/loss")) == list(range(1, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_usr1_saves_requeues_and_resumes(slurm, dataset, tmp_path, launcher):  # noqa: F811
+    """scancel --signal=USR1 (what Slurm sends before the time limit or on preemption): the
+    trainer saves and exits 75, the script requeues the job, and the requeued run resumes from
+    the checkpoint and finishes; the loss curve continues instead of starting over."""
+    log = tmp_path / "job.out"
+    iters = 30
+    env = dict(pretrain_env(slurm, dataset, tmp_path, iters, "--save-interval 1000"), LAUNCHER=launcher)
+    shape = SBATCH_CPU if launcher == "srun" else ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2"]
+    jid = sbatch(env, *shape, f"--output={log}", PRETRAIN)
+    deadline = time.time() + 240
+    while not (log.exists() and re.search(r"iteration\s+8/", log.read_text())):
+        assert time.time() < deadline and job_info(slurm, jid).get("JobState") in ("PENDING", "RUNNING"), \
+            log.read_text()[-4000:] if log.exists() else job_info(slurm, jid)
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", jid], env=slurm, check=True)
+    # the requeued job may start again after the cluster's cred_expire (10 s; see cluster.sh)
+    info = wait_for(slurm, jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text[-5000:]
+    stopped = int(re.search(r"received SIGUSR1: stopping at iteration (\d+)", text).group(1))
+    assert 8 <= stopped < iters
+    assert f"requeueing job {jid}" in text and "(restart 1)" in text
+    assert re.search(rf"loaded checkpoint \S+iter_{stopped:07d}", text)
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(iters)
+    loss = scalars(tmp_path / "runs" / "tiny" / "tensorboard", "train/loss")
+    assert sorted(loss) == list(range(1, iters + 1))  # every iteration once, none repeated or lost
+    assert loss[stopped + 1] < loss[1] - 1.0  # the resumed run did not start from scratch
+    assert abs(loss[stopped + 1] - loss[stopped]) < 0.5
+
+
+@pytest.mark.slow
+def test_preprocess_array_job_and_merge_equal_local_run(slurm, trained_tokenizer, tmp_path):
+    make_inputs(tmp_path / "xml")
+    env = dict(slurm, INPUT_DIR=str(tmp_path / "xml"), OUTPUT_DIR=str(tmp_path / "out"),
+               TOKENIZER_DIR=str(trained_tokenizer), PYTHON=sys.executable, WORKERS="1", LANGUAGES="",
+               NUM_SLICES="3", EXTRA_SBATCH_ARGS=f"--cpus-per-task=1 --mem=500M --output={tmp_path}/%x-%A_%a.out")
+    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "preprocess_pubmed.sbatch"), "submit"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    _, merge_id = re.search(r"slices as job (\d+), merge as job (\d+)", r.stdout).groups()
+    info = wait_for(slurm, merge_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert info["JobState"] == "COMPLETED", logs[-4000:]
+    run_tool("pubmed_to_jsonl", tmp_path / "xml", "--output", tmp_path / "all.jsonl", "--no-progress", check=0)
+    run_tool("preprocess_data", "--input", tmp_path / "all.jsonl", "--output-prefix", tmp_path / "local",
+             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", trained_tokenizer,
+             "--append-eod", "--no-progress", check=0)
+    for ext in (".bin", ".idx", ".ids"):
+        assert filecmp.cmp(tmp_path / f"local_text_document{ext}",
+                           tmp_path / "out" / f"pubmed_text_document{ext}", shallow=False), ext
