@@ -22,6 +22,8 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
+	@# tests/test_slurm.py runs a real one-host Slurm cluster: install slurmctld/slurmd/munge if missing
+	@bash tests/slurm/cluster.sh install || echo "Slurm not installable here: tests/test_slurm.py will skip"
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)

@@ -102,42 +102,51 @@ def _prompts(args):
                 yield record
 
 
+def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge_file=None, iteration=None):
+    """(our GPT in eval mode, its tokenizers.Tokenizer) from our checkpoint (any layout) or a
+    Hugging Face directory, as one process."""
+    from megatron_biomed.convert.cli import detect_format
+    from megatron_biomed.convert.ours import build_model
+    from megatron_biomed.convert.storage import CheckpointFormatError
+    from megatron_biomed.data.tokenizer import load_tokenizer
+    fmt = detect_format(load)
+    if fmt == "hf":
+        from megatron_biomed.convert.hf import HFSource
+        source = HFSource(load)
+    elif fmt == "megatron_biomed":
+        from megatron_biomed.convert.ours import OursSource
+        source = OursSource(load, iteration)
+    else:
+        raise CheckpointFormatError(f"--load {load}: convert a {fmt} checkpoint first (tools/convert_checkpoint.py)")
+    if vocab_file or merge_file:
+        tok = load_tokenizer("GPT2BPETokenizer", vocab_file, merge_file)
+    else:
+        tok = source.tokenizer()
+    if tok is None:
+        raise CheckpointFormatError(f"--load {load}: no tokenizer with the checkpoint; pass --vocab-file and "
+                                    f"--merge-file")
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return build_model(source, device, dtype), tok
+
+
 def main(argv=None):
     import contextlib
     import json
     import sys
 
-    from megatron_biomed.convert.cli import detect_format
-    from megatron_biomed.convert.ours import build_model
     from megatron_biomed.convert.storage import CheckpointFormatError
-    from megatron_biomed.data.tokenizer import EOD_TOKEN, load_tokenizer
+    from megatron_biomed.data.tokenizer import EOD_TOKEN
     from megatron_biomed.utils import atomic_output
     args = build_parser().parse_args(argv)
     if not args.prompt and not args.input:
         print("error: give --prompt or --input", file=sys.stderr)
         return 2
     try:
-        fmt = detect_format(args.load)
-        if fmt == "hf":
-            from megatron_biomed.convert.hf import HFSource
-            source = HFSource(args.load)
-        elif fmt == "megatron_biomed":
-            from megatron_biomed.convert.ours import OursSource
-            source = OursSource(args.load, args.iteration)
-        else:
-            raise CheckpointFormatError(f"--load {args.load}: convert a {fmt} checkpoint first "
-                                        f"(tools/convert_checkpoint.py)")
-        if args.vocab_file or args.merge_file:
-            tok = load_tokenizer("GPT2BPETokenizer", args.vocab_file, args.merge_file)
-        else:
-            tok = source.tokenizer()
-        if tok is None:
-            raise CheckpointFormatError(f"--load {args.load}: no tokenizer with the checkpoint; pass "
-                                        f"--vocab-file and --merge-file")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        model = build_model(source, device, dtype)
+        model, tok = load_for_inference(args.load, args.device, args.dtype, args.vocab_file, args.merge_file,
+                                        args.iteration)
+        device = next(model.parameters()).device
         eos = None if args.no_stop_at_eos else tok.token_to_id(EOD_TOKEN)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         temperature = 0.0 if args.greedy else args.temperature

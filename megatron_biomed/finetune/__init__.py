@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation on biomedical QA (MedMCQA, MedQA, PubMedQA, BioASQ, MMLU)."""

@@ -1,0 +1,89 @@
+"""tools/evaluate.py: score a checkpoint on a biomedical QA task zero-/few-shot (no fine-tuning)."""
+import argparse
+import json
+import random
+import sys
+
+import torch
+
+from megatron_biomed.finetune import tasks as T
+from megatron_biomed.finetune import zero_shot as Z
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Zero-/few-shot evaluation of our checkpoint (any layout) or a Hugging Face directory on "
+                    "MedMCQA, MedQA, PubMedQA, BioASQ or MMLU files, by the log-likelihood of each answer "
+                    "(acc) and the same per byte (acc_norm), as lm-eval-harness scores them.")
+    p.add_argument("--load", required=True, help="our checkpoint root / iter dir, or a Hugging Face directory")
+    p.add_argument("--task", required=True, help=f"one of {', '.join(sorted(T.TASKS))}")
+    p.add_argument("--data", required=True, help="the task's file (e.g. MedMCQA dev.json, MMLU *_test.csv)")
+    p.add_argument("--split-file", default=None, help="PubMedQA: the official test PMIDs")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="PubMedQA: which side of --split-file")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--fewshot-data", default=None, help="file of solved examples to draw the shots from "
+                   "(default: --data itself, never the example being scored)")
+    p.add_argument("--seed", type=int, default=1234, help="which shots are drawn")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--output", default=None, help="predictions JSONL")
+    p.add_argument("--metrics-file", default=None, help="metrics JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--merge-file", default=None)
+    return p
+
+
+def _read(task, path, args):
+    kw = {"split_file": args.split_file, "split": args.split} if task == "pubmedqa" else {}
+    return T.read_task(task, path, **kw)
+
+
+def main(argv=None):
+    from megatron_biomed.convert.storage import CheckpointFormatError
+    from megatron_biomed.generation import load_for_inference
+    from megatron_biomed.utils import atomic_output, progress
+    args = build_parser().parse_args(argv)
+    try:
+        examples = _read(args.task, args.data, args)
+        if args.limit:
+            examples = examples[:args.limit]
+        if not examples:
+            raise T.TaskFormatError(f"{args.data}: no examples")
+        pool = _read(args.task, args.fewshot_data, args) if args.fewshot_data else examples
+        model, tok = load_for_inference(args.load, args.device, args.dtype, args.vocab_file, args.merge_file)
+        rng = random.Random(args.seed)
+        predictions = []
+        bar = progress(total=len(examples), desc=f"{args.task} {args.num_fewshot}-shot", unit="q")
+        for e in examples:
+            shots = rng.sample([s for s in pool if s.id != e.id], args.num_fewshot) if args.num_fewshot else ()
+            p, _ = Z.evaluate(model, tok, [e], shots)
+            predictions += p
+            bar.update(1)
+        bar.close()
+        results = {"acc": Z.metrics(examples, predictions, "pred"), "acc_norm": Z.metrics(examples, predictions,
+                                                                                         "pred_norm")}
+    except (T.TaskFormatError, CheckpointFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = {"task": args.task, "data": args.data, "load": args.load, "num_fewshot": args.num_fewshot, **results}
+    if args.output:
+        with atomic_output(args.output, "w", encoding="utf-8") as f:
+            for e, p in zip(examples, predictions):
+                f.write(json.dumps(dict(p, subject=e.subject), ensure_ascii=False) + "\n")
+    if args.metrics_file:
+        with atomic_output(args.metrics_file, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(f"| task | n | shots | acc | acc_norm |{' macro-F1 |' if 'macro_f1' in results['acc'] else ''}")
+    print(f"|---|---|---|---|---|{'---|' if 'macro_f1' in results['acc'] else ''}")
+    f1 = f" {results['acc']['macro_f1']:.4f} |" if "macro_f1" in results["acc"] else ""
+    print(f"| {args.task} | {results['acc']['n']} | {args.num_fewshot} | {results['acc']['accuracy']:.4f} | "
+          f"{results['acc_norm']['accuracy']:.4f} |{f1}")
+    for s, m in results["acc"].get("per_subject", {}).items():
+        print(f"| {args.task}/{s} | {m['n']} | {args.num_fewshot} | {m['accuracy']:.4f} | "
+              f"{results['acc_norm']['per_subject'][s]['accuracy']:.4f} |{'' if not f1 else ' |'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
