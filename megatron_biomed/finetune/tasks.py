@@ -129,7 +129,7 @@ def read_pubmedqa(path, split_file=None, split="test"):
             raise TaskFormatError(f"{where}: 'CONTEXTS' should be a list of strings")
         if r.get("final_decision") not in PUBMEDQA_LABELS:
             raise TaskFormatError(f"{where}: 'final_decision' should be yes/no/maybe, found {r.get('final_decision')!r}")
-        out.append(Example(id=pmid, question=r["QUESTION"], context=" ".join(r["CONTEXTS"]),
+        out.append(Example(id=pmid, question=r["QUESTION"], context="\n".join(r["CONTEXTS"]),
                            label=PUBMEDQA_LABELS.index(r["final_decision"]), labels=PUBMEDQA_LABELS))
     return out
 

@@ -3,8 +3,8 @@ each answer is a continuation of the prompt; its log-likelihood (summed over its
 the prediction (`acc`), and the same divided by the answer's length in bytes (`acc_norm`).
 
 Prompts: multiple choice "Question: {q}\\nAnswer:" + " {option}"; classification
-"Context: {c}\\nQuestion: {q}\\nAnswer:" + " yes" / " no" / " maybe". k-shot prompts prepend k
-solved examples separated by a blank line. Inputs longer than the model are cut from the left,
+"Abstract: {c}\\nQuestion: {q}\\nAnswer:" + " yes" / " no" / " maybe" (lm-eval's PubMedQA
+prompt). k-shot prompts prepend k solved examples separated by a blank line. Inputs longer than the model are cut from the left,
 so the end of the prompt and the whole answer are always scored.
 """
 import math
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 def prompt(example):
     if example.is_multiple_choice:
         return f"Question: {example.question}\nAnswer:"
-    return f"Context: {example.context}\nQuestion: {example.question}\nAnswer:"
+    return f"Abstract: {example.context}\nQuestion: {example.question}\nAnswer:"
 
 
 def continuations(example):
