@@ -4,8 +4,8 @@ the prediction (`acc`), and the same divided by the answer's length in bytes (`a
 
 Prompts: multiple choice "Question: {q}\\nAnswer:" + " {option}"; classification
 "Abstract: {c}\\nQuestion: {q}\\nAnswer:" + " yes" / " no" / " maybe" (lm-eval's PubMedQA
-prompt). k-shot prompts prepend k solved examples separated by a blank line. Inputs longer than the model are cut from the left,
-so the end of the prompt and the whole answer are always scored.
+prompt). k-shot prompts prepend k solved examples separated by a blank line. Inputs longer than
+the model are cut from the left, so the end of the prompt and the whole answer are always scored.
 """
 import math
 
