@@ -1,0 +1,285 @@
+"""Fine-tune a GPT classifier on a QA task with tensor and data parallelism (launch one process
+per device with torchrun or srun, like pretraining): `python -m megatron_biomed.finetune.trainer`.
+
+Protocol (BioMedLM's, via Hugging Face's Trainer): AdamW, linear warmup over --warmup-ratio of
+the steps then linear decay to 0, a fixed number of epochs, the dev set scored after each epoch
+and the best epoch kept (its weights in --save/best, its predictions and metrics in --save).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from megatron_biomed.finetune import classifier as C
+from megatron_biomed.finetune import tasks as T
+from megatron_biomed.finetune import zero_shot as Z
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Fine-tune on MedMCQA, MedQA, PubMedQA, BioASQ or MMLU files with "
+                                            "BioMedLM's heads (a linear layer on the last token).")
+    p.add_argument("--load", default=None, help="our checkpoint or a Hugging Face directory (default: --model, "
+                   "randomly initialised, for tests)")
+    p.add_argument("--model", default="tiny", help="preset when there is no --load")
+    p.add_argument("--task", required=True)
+    p.add_argument("--train-data", required=True)
+    p.add_argument("--valid-data", required=True)
+    p.add_argument("--test-data", default=None)
+    p.add_argument("--split-file", default=None, help="PubMedQA: the official test PMIDs (train = the rest)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-ratio", type=float, default=0.5, help="BioMedLM used 0.5")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--global-batch-size", type=int, default=32, help="questions per step")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--hidden-dropout", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--attention-dropout", type=float, default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--merge-file", default=None)
+    p.add_argument("--save", required=True, help="output directory: best/ weights, predictions, metrics.json")
+    return p
+
+
+def _print0(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def _read(task, path, args, split):
+    kw = {"split_file": args.split_file, "split": split} if task == "pubmedqa" and args.split_file else {}
+    return T.read_task(task, path, **kw)
+
+
+class FineTuner:
+    def __init__(self, args, examples_train, tok, cfg, weights=None, device=torch.device("cpu")):
+        from megatron_biomed.parallel.mesh import build_mesh
+        from megatron_biomed.config import ParallelConfig
+        from megatron_biomed.model.gpt import GPT
+        self.args, self.tok = args, tok
+        world = dist.get_world_size()
+        tp = args.tensor_model_parallel_size
+        parallel = ParallelConfig(tensor_model_parallel_size=tp)
+        parallel.validate(cfg, world)
+        self.device = device
+        self.mesh = build_mesh(parallel, device.type)
+        self.dp, self.dp_rank = self.mesh["dp"].size(), self.mesh["dp"].get_local_rank()
+        if args.global_batch_size % self.dp:
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the data-parallel "
+                             f"size {self.dp}")
+        first = examples_train[0]
+        self.multiple_choice = first.is_multiple_choice
+        self.num_choices = first.num_choices
+        torch.manual_seed(args.seed)  # the same initial head on every rank
+        gpt = GPT(cfg, tensor_parallel_size=tp)
+        if weights is not None:
+            gpt.load_state_dict(weights)
+        model = C.GPTClassifier(gpt, 1 if self.multiple_choice else self.num_choices).to(device)
+        if tp > 1:
+            from megatron_biomed.parallel.tensor_parallel import _replicate, apply_tensor_parallel
+            apply_tensor_parallel(model.gpt, self.mesh["tp"])
+            _replicate(model.head, self.mesh["tp"])
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.pad_id = tok.token_to_id("<|endoftext|>") or 0
+        torch.manual_seed(args.seed + 1)  # dropout: the same stream on every rank of a step
+
+    def _encode(self, examples):
+        return [C.encode_example(self.tok, e, self.args.max_length) for e in examples]
+
+    def _batch(self, encoded, examples):
+        b = C.collate(encoded, [e.label for e in examples], self.pad_id, self.num_choices)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    def _autocast(self):
+        if self.args.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        import contextlib
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _reduce_and_clip(self):
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                # an embedding's gradient can come back Replicate for a Shard(0) weight
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            if self.dp > 1:
+                dist.all_reduce(g, group=self.mesh["dp"].get_group())
+                g /= self.dp
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.params:
+            if p.grad is not None:
+                n = torch.linalg.vector_norm(p.grad.float())
+                sq += (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
+        norm = sq.sqrt()
+        if self.args.clip_grad:
+            factor = (self.args.clip_grad / (norm + 1e-6)).clamp(max=1.0).float()
+            for p in self.params:
+                if p.grad is not None:  # on the local shards: DTensor in-place ops with a plain scalar tensor
+                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(factor)
+        return float(norm)
+
+    def train_epoch(self, examples, encoded, epoch, step, total_steps, warmup):
+        a = self.args
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(a.seed + epoch)).tolist()
+        per = a.global_batch_size // self.dp
+        losses = []
+        self.model.train()
+        for start in range(0, len(order) - a.global_batch_size + 1, a.global_batch_size):
+            rows = order[start:start + a.global_batch_size][self.dp_rank * per:(self.dp_rank + 1) * per]
+            batch = self._batch([encoded[i] for i in rows], [examples[i] for i in rows])
+            step += 1
+            lr = a.lr * (step / warmup if step <= warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss, _ = C.loss_and_logits(self.model, batch)
+            loss.backward()
+            self._reduce_and_clip()
+            self.optimizer.step()
+            value = loss.detach().clone()
+            if self.dp > 1:
+                dist.all_reduce(value, group=self.mesh["dp"].get_group())
+                value /= self.dp
+            losses.append(float(value))
+        return step, losses
+
+    @torch.no_grad()
+    def predict(self, examples, encoded):
+        """Every rank scores every example (dev sets are small); returns prediction dicts."""
+        self.model.eval()
+        out = []
+        bs = self.args.eval_batch_size
+        for start in range(0, len(examples), bs):
+            ex, enc = examples[start:start + bs], encoded[start:start + bs]
+            with self._autocast():
+                _, logits = C.loss_and_logits(self.model, self._batch(enc, ex))
+            probs = logits.float().softmax(-1)
+            for e, p in zip(ex, probs):
+                out.append({"id": e.id, "label": e.label, "pred": int(p.argmax()), "probs": p.tolist()})
+        self.model.train()
+        return out
+
+    def state(self):
+        return {n: p for n, p in self.model.state_dict().items()}
+
+
+def _write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(args):
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_biomed.config import preset
+    from megatron_biomed.data.tokenizer import load_tokenizer
+    from megatron_biomed.parallel import mesh as M
+    device = M.init_distributed()
+    t0 = time.time()
+    train = _read(args.task, args.train_data, args, "train")
+    valid = _read(args.task, args.valid_data, args, "test")
+    test = _read(args.task, args.test_data, args, "test") if args.test_data else None
+    if not train or not valid:
+        raise T.TaskFormatError("no training or validation examples")
+    if args.load:
+        from megatron_biomed.generation import load_for_inference
+        model, tok = load_for_inference(args.load, "cpu", "fp32", args.vocab_file, args.merge_file)
+        cfg, weights = model.config, model.state_dict()
+        del model
+    else:
+        tok = load_tokenizer("GPT2BPETokenizer", args.vocab_file, args.merge_file)
+        cfg, weights = preset(args.model, vocab_size=tok.get_vocab_size()), None
+    overrides = {k: getattr(args, k) for k in ("hidden_dropout", "attention_dropout") if getattr(args, k) is not None}
+    cfg = cfg.replace(**overrides)
+    if args.max_length > cfg.seq_length:
+        args.max_length = cfg.seq_length
+    ft = FineTuner(args, train, tok, cfg, weights, device)
+    enc_train, enc_valid = ft._encode(train), ft._encode(valid)
+    steps_per_epoch = len(train) // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} training examples are fewer than --global-batch-size {args.global_batch_size}")
+    total = steps_per_epoch * args.epochs
+    warmup = max(1, int(args.warmup_ratio * total))
+    _print0(f"fine-tuning on {len(train)} {args.task} examples ({'multiple choice' if ft.multiple_choice else 'classification'}, "
+            f"{ft.num_choices} choices): {args.epochs} epochs x {steps_per_epoch} steps, warmup {warmup}, "
+            f"world {dist.get_world_size()} (tp {args.tensor_model_parallel_size}, dp {ft.dp})")
+    os.makedirs(args.save, exist_ok=True)
+    m = Z.metrics(valid, ft.predict(valid, enc_valid))
+    history = [{"epoch": 0, "valid": m}]
+    _print0(f" before fine-tuning | dev accuracy {m['accuracy']:.4f}")
+    best, step = None, 0
+    for epoch in range(1, args.epochs + 1):
+        step, losses = ft.train_epoch(train, enc_train, epoch, step, total, warmup)
+        preds = ft.predict(valid, enc_valid)
+        m = Z.metrics(valid, preds)
+        history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "valid": m})
+        _print0(f" epoch {epoch}/{args.epochs} | train loss {sum(losses) / len(losses):.4f} | "
+                f"dev accuracy {m['accuracy']:.4f}" + (f" | dev macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""))
+        if best is None or m["accuracy"] > best["valid"]["accuracy"]:
+            best = {"epoch": epoch, "valid": m}
+            tmp = os.path.join(args.save, "best.tmp")
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()
+            dcp.save(ft.state(), checkpoint_id=tmp)
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(os.path.join(args.save, "best"), ignore_errors=True)
+                os.replace(tmp, os.path.join(args.save, "best"))
+                _write(os.path.join(args.save, "valid_predictions.jsonl"),
+                       "".join(json.dumps(p) + "\n" for p in preds))
+    result = {"task": args.task, "best_epoch": best["epoch"], "valid": best["valid"], "history": history}
+    if test is not None:
+        dcp.load(ft.state(), checkpoint_id=os.path.join(args.save, "best"))
+        preds = ft.predict(test, ft._encode(test))
+        result["test"] = Z.metrics(test, preds)
+        if dist.get_rank() == 0:
+            _write(os.path.join(args.save, "test_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
+        _print0(f" test accuracy (best dev epoch {best['epoch']}): {result['test']['accuracy']:.4f}")
+    if dist.get_rank() == 0:
+        _write(os.path.join(args.save, "metrics.json"), json.dumps(result, indent=2))
+    _print0(f"done in {time.time() - t0:.0f} s: best dev accuracy {best['valid']['accuracy']:.4f} at epoch "
+            f"{best['epoch']}; {args.save}/metrics.json")
+    return result
+
+
+def main(argv=None):
+    import gc
+    args = build_parser().parse_args(argv)
+    code = 0
+    try:
+        run(args)
+    except (T.TaskFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
