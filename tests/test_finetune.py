@@ -2,28 +2,17 @@
 the model must learn, and the same run under dp=2 and tp=2 equal to one process."""
 import json
 import os
-import random
 
 import pytest
 
 from conftest import ROOT, write_jsonl
 from test_pretrain import finish
 
-WORDS = ["insulin", "aspirin", "heparin", "warfarin", "cortisol", "dopamine", "serotonin", "histamine",
-         "glucose", "sodium", "calcium", "potassium", "thyroid", "kidney", "liver", "spleen"]
+from megatron_biomed.data import synthetic
 
 
 def synthetic_medmcqa(path, n, seed):
-    """The answer is the option that the question names: learnable only by looking back."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        options = rng.sample(WORDS, 4)
-        cop = rng.randrange(4)
-        rows.append({"id": f"s{seed}-{i}", "question": f"Which term is {options[cop]}?", "opa": options[0],
-                     "opb": options[1], "opc": options[2], "opd": options[3], "cop": cop + 1,
-                     "subject_name": "Pharmacology" if i % 2 else "Physiology"})
-    return write_jsonl(path, rows)
+    return write_jsonl(path, synthetic.medmcqa_like(n, seed))
 
 
 def launch_finetune(nproc, args):
@@ -58,7 +47,10 @@ def base(task_files, trained_tokenizer, save, **kw):
             "global-batch-size": 16, "lr": 3e-3, "warmup-ratio": 0.1, "hidden-dropout": 0.0,
             "attention-dropout": 0.0, "max-length": 64, "save": save, "seed": 7}
     args.update(kw)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    out = []
+    for k, v in args.items():
+        out += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return out
 
 
 @pytest.mark.slow
@@ -75,9 +67,21 @@ def test_learns_a_synthetic_multiple_choice_task(task_files, trained_tokenizer, 
     assert len(rows) == 64 and all(len(r["probs"]) == 4 for r in rows)
 
 
+_REFERENCE = {}
+
+
+def single_process_reference(files, trained_tokenizer, tmp_path_factory):
+    """The one-process run both layouts are compared with (run once)."""
+    if "dir" not in _REFERENCE:
+        d = tmp_path_factory.mktemp("one_process")
+        launch_finetune(1, base(files, trained_tokenizer, d, epochs=1, lr=3e-4))
+        _REFERENCE["dir"] = d
+    return _REFERENCE["dir"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], []], ids=["tp2", "dp2"])
-def test_two_processes_equal_one(task_files, trained_tokenizer, tmp_path, layout):
+def test_two_processes_equal_one(task_files, trained_tokenizer, tmp_path, tmp_path_factory, layout):
     """4 steps (64 questions, batch 16) and the dev scores after them. Adam moves a weight by
     about lr whatever the size of its gradient, so round-off differences between layouts
     (1e-7) in near-zero gradients become differences of order lr: the comparison uses lr 3e-4."""
@@ -85,10 +89,30 @@ def test_two_processes_equal_one(task_files, trained_tokenizer, tmp_path, layout
         history = json.loads((d / "metrics.json").read_text())["history"][1:]
         return [h["train_loss"] for h in history]
     small = (task_files[2], task_files[1])
-    launch_finetune(1, base(small, trained_tokenizer, tmp_path / "one", epochs=1, lr=3e-4))
+    one = single_process_reference(small, trained_tokenizer, tmp_path_factory)
     launch_finetune(2, base(small, trained_tokenizer, tmp_path / "two", epochs=1, lr=3e-4) + layout)
-    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
-    a = [json.loads(x)["probs"] for x in (tmp_path / "one" / "valid_predictions.jsonl").read_text().splitlines()]
+    assert losses(one) == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    a = [json.loads(x)["probs"] for x in (one / "valid_predictions.jsonl").read_text().splitlines()]
     b = [json.loads(x)["probs"] for x in (tmp_path / "two" / "valid_predictions.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 64
     assert max(abs(x - y) for pa, pb in zip(a, b) for x, y in zip(pa, pb)) < 1e-5
+
+
+def test_classification_task_in_bf16(trained_tokenizer, tmp_path):
+    """BioASQ yes/no as 2-way classification of context + question, under bf16 autocast."""
+    import random
+    rng = random.Random(0)
+
+    def bioasq(path, n):
+        qs = []
+        for i in range(n):
+            drug, yes = rng.choice(synthetic.MC_WORDS), rng.random() < 0.5
+            qs.append({"id": f"b{i}", "type": "yesno", "body": f"Is {drug} effective?", "exact_answer":
+                       "yes" if yes else "no", "snippets": [{"text": f"{drug} was {'' if yes else 'not '}effective."}]})
+        path.write_text(json.dumps({"questions": qs}))
+        return path
+    out = launch_finetune(1, base((bioasq(tmp_path / "train.json", 32), bioasq(tmp_path / "dev.json", 16)),
+                                  trained_tokenizer, tmp_path / "ft", task="bioasq", epochs=2, bf16=True))
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert "classification, 2 choices" in out
+    assert set(metrics["valid"]) >= {"accuracy", "macro_f1"} and len(metrics["history"]) == 3

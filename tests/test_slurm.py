@@ -1,6 +1,7 @@
 """Our slurm/ scripts submitted to a real one-host Slurm cluster (slurmctld + slurmd + munge on
 localhost, tests/slurm/cluster.sh), with CPU-sized settings: gloo, the tiny model, 2 tasks."""
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,8 @@ from test_slurm_preprocess import make_inputs
 CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
 PRETRAIN = os.path.join(ROOT, "slurm", "pretrain_biomedlm.sbatch")
 SCRIPTS = [os.path.join(ROOT, "slurm", f) for f in ("pretrain_biomedlm.sbatch", "convert_checkpoint.sbatch",
-                                                     "preprocess_pubmed.sbatch")] + [CLUSTER]
+                                                     "preprocess_pubmed.sbatch", "finetune.sbatch")] + [
+    CLUSTER, os.path.join(ROOT, "examples", "finetune_medmcqa.sh"), os.path.join(ROOT, "examples", "demo.sh")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
@@ -157,3 +159,30 @@ def test_preprocess_array_job_and_merge_equal_local_run(slurm, trained_tokenizer
     for ext in (".bin", ".idx", ".ids"):
         assert filecmp.cmp(tmp_path / f"local_text_document{ext}",
                            tmp_path / "out" / f"pubmed_text_document{ext}", shallow=False), ext
+
+
+@pytest.mark.slow
+def test_finetune_grid_array_job(slurm, trained_tokenizer, tmp_path):
+    """slurm/finetune.sbatch: a 2-point (lr) grid as an array job."""
+    from megatron_biomed.data import synthetic
+    from test_convert import random_hf_gpt2
+    from conftest import write_jsonl
+    random_hf_gpt2(tmp_path / "hf", vocab=1000, tokenizer=trained_tokenizer)
+    train = write_jsonl(tmp_path / "train.json", synthetic.medmcqa_like(32, 1))
+    dev = write_jsonl(tmp_path / "dev.json", synthetic.medmcqa_like(16, 2))
+    env = dict(slurm, LOAD=str(tmp_path / "hf"), TASK="medmcqa", TRAIN_DATA=str(train), VALID_DATA=str(dev),
+               LRS="1e-3 3e-3", EPOCHS_LIST="1", TP="1", GPUS_PER_NODE="0", MAX_LENGTH="64",
+               GLOBAL_BATCH_SIZE="16", OUTPUT_ROOT=str(tmp_path / "runs"), PYTHON=sys.executable,
+               EXTRA_SBATCH_ARGS=f"--cpus-per-task=1 --output={tmp_path}/%x-%A_%a.out", OMP_NUM_THREADS="1",
+               CPU_TASKS_PER_NODE="1")  # one process per grid point, so the two run side by side
+    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "finetune.sbatch"), "submit"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jid = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+    for task in ("0", "1"):
+        info = wait_for(slurm, f"{jid}_{task}", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+        logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+        assert info["JobState"] == "COMPLETED", logs[-4000:]
+    for lr in ("1e-3", "3e-3"):
+        metrics = json.loads((tmp_path / "runs" / "medmcqa" / f"lr{lr}_ep1" / "metrics.json").read_text())
+        assert metrics["best_epoch"] == 1 and metrics["valid"]["n"] == 16

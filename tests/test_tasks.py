@@ -151,3 +151,19 @@ def test_evaluate_tool_writes_predictions_and_metrics(files, tmp_path, trained_t
 
 def test_macro_f1():
     assert Z.macro_f1([0, 0, 1, 2], [0, 1, 1, 2], 3) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_truncation_cuts_the_context_from_the_left_never_the_question_or_option(trained_tokenizer):
+    from tokenizers import Tokenizer
+
+    from megatron_biomed.finetune.classifier import encode_example
+    tok = Tokenizer.from_file(str(trained_tokenizer / "tokenizer.json"))
+    long_context = " ".join(f"sentence {i} of the abstract." for i in range(200))
+    ex = T.Example(id="1", question="Does it work?", label=0, context=long_context, labels=T.PUBMEDQA_LABELS)
+    (seq,) = encode_example(tok, ex, 64)
+    question = tok.encode("Question: Does it work?\nAnswer:").ids
+    assert len(seq) == 64 and seq[-len(question):] == question
+    assert tok.decode(seq[:-len(question)]).endswith("sentence 199 of the abstract.\n")
+    mc = T.Example(id="2", question="word " * 100, label=0, options=["a", "b"])
+    with pytest.raises(ValueError, match="example 2: question and answer take .* more than --max-length 64"):
+        encode_example(tok, mc, 64)

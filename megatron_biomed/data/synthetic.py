@@ -142,3 +142,21 @@ def pubmed_like_documents(n, seed=0):
         body = "\n".join(f"{lab}: {paragraph(rng)}" for lab in LABELS)
         yield {"id": f"PMID:{10_000_000 + i}", "source": "pubmed_abstract", "title": t,
                "text": f"{t}.\n{body}", "year": rng.randint(1975, 2024), "journal": rng.choice(JOURNALS)}
+
+
+MC_WORDS = ["insulin", "aspirin", "heparin", "warfarin", "cortisol", "dopamine", "serotonin", "histamine",
+            "glucose", "sodium", "calcium", "potassium", "thyroid", "kidney", "liver", "spleen"]
+
+
+def medmcqa_like(n, seed):
+    """Multiple-choice records in MedMCQA's format whose answer is the option the question
+    names: a model learns them only by looking back at the question (fine-tuning tests, demo)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        options = rng.sample(MC_WORDS, 4)
+        cop = rng.randrange(4)
+        rows.append({"id": f"s{seed}-{i}", "question": f"Which term is {options[cop]}?", "opa": options[0],
+                     "opb": options[1], "opc": options[2], "opd": options[3], "cop": cop + 1,
+                     "subject_name": "Pharmacology" if i % 2 else "Physiology"})
+    return rows
