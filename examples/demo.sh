@@ -86,7 +86,7 @@ PY
     --metrics-file "$OUT/mc/zero_shot.json" > /dev/null
 "$PYTHON" tools/finetune.py --load "$OUT/checkpoints" --vocab-file "$OUT/tokenizer/vocab.json" \
     --merge-file "$OUT/tokenizer/merges.txt" --task medmcqa --train-data "$OUT/mc/train.json" \
-    --valid-data "$OUT/mc/dev.json" --epochs 6 --lr 3e-3 --warmup-ratio 0.1 --global-batch-size 16 \
+    --valid-data "$OUT/mc/dev.json" --epochs 8 --lr 3e-3 --warmup-ratio 0.1 --global-batch-size 16 \
     --max-length 64 --hidden-dropout 0 --attention-dropout 0 --save "$OUT/finetune" | grep -E "^ (epoch|before)|done"
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
