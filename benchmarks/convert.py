@@ -10,6 +10,7 @@ ratio column is peak RSS / the size of one fp32 copy of the weights.
     python benchmarks/convert.py --model gpt2-medium --baseline
 """
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -102,7 +103,7 @@ def main():
     try:
         source = RandomSource(cfg)
         weights_gb = model_size_bytes(source) / 2**30
-        n_params = sum(_numel(s) for s, _ in source.specs.values())
+        n_params = sum(math.prod(s) for s, _ in source.specs.values())
         print(f"{args.model}: {n_params / 1e9:.2f}B parameters, one fp32 copy = {weights_gb:.2f} GiB", flush=True)
         ours = os.path.join(work, "ours_tp1")
         t0 = time.time()
@@ -141,13 +142,6 @@ def main():
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 if __name__ == "__main__":

@@ -144,8 +144,7 @@ def convert(args):
     total = model_size_bytes(source)
     if args.target_format == "megatron_biomed":
         check_layout(source.config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
-        total += sum(S._numel(s) * torch.empty((), dtype=d).element_size()
-                     for s, d in getattr(source, "extra_specs", {}).values())
+        total += sum(S.tensor_bytes(s, d) for s, d in getattr(source, "extra_specs", {}).values())
     tmp = save + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion
     os.makedirs(tmp)

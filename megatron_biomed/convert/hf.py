@@ -245,7 +245,7 @@ def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, 
         S.write_safetensors(os.path.join(out_dir, fname), shard, produce)
         for name, shape, dt in shard:
             weight_map[name] = fname
-            total += S._numel(shape) * torch.empty((), dtype=dt).element_size()
+            total += S.tensor_bytes(shape, dt)
     if len(shards) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -162,10 +162,7 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
 
 
 def model_size_bytes(source):
-    n = 0
-    for shape, dt in source.specs.values():
-        n += S._numel(shape) * torch.empty((), dtype=dt).element_size()
-    return n
+    return sum(S.tensor_bytes(shape, dt) for shape, dt in source.specs.values())
 
 
 def build_model(source, device="cpu", dtype=torch.float32):

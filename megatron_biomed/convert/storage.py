@@ -6,6 +6,7 @@ to run any code a crafted file names). We read it with an unpickler that only bu
 metadata classes; tensors themselves are read by DCP with `torch.load(weights_only=True)`.
 """
 import json
+import math
 import os
 import pickle
 import struct
@@ -202,7 +203,7 @@ def write_safetensors(path, items, produce):
     """Write [(name, shape, dtype), ...] to `path`, calling `produce(name)` for each tensor in turn."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in items:
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = tensor_bytes(shape, dtype)
         header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -219,11 +220,8 @@ def write_safetensors(path, items, produce):
         os.fsync(f.fileno())
 
 
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def tensor_bytes(shape, dtype):
+    return math.prod(shape) * dtype.itemsize
 
 
 def plan_shards(items, max_bytes, prefix="model"):
@@ -231,7 +229,7 @@ def plan_shards(items, max_bytes, prefix="model"):
     gets a file of its own), named as transformers names them."""
     shards, current, size = [], [], 0
     for item in items:
-        nbytes = _numel(item[1]) * torch.empty((), dtype=item[2]).element_size()
+        nbytes = tensor_bytes(item[1], item[2])
         if current and size + nbytes > max_bytes:
             shards.append(current)
             current, size = [], 0
