@@ -85,21 +85,14 @@ def build_parser():
 
 
 def _prompts(args):
-    import json
+    from megatron_biomed.utils import iter_json_objects
     for text in args.prompt:
         yield {args.prompt_key: text}
     if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{args.input}:{line_no}: not JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(args.prompt_key), str):
-                    raise ValueError(f"{args.input}:{line_no}: no string field {args.prompt_key!r}")
-                yield record
+        for line_no, record in iter_json_objects(args.input):
+            if not isinstance(record.get(args.prompt_key), str):
+                raise ValueError(f"{args.input}:{line_no}: no string field {args.prompt_key!r}")
+            yield record
 
 
 def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge_file=None, iteration=None):

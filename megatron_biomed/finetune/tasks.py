@@ -10,6 +10,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from megatron_biomed.utils import iter_json_objects
+
 
 class TaskFormatError(ValueError):
     pass
@@ -34,20 +36,6 @@ class Example:
         return len(self.options) if self.options else len(self.labels)
 
 
-def _json_lines(path):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise TaskFormatError(f"{path}:{line_no}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise TaskFormatError(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, record
-
-
 def _need(record, keys, path, line_no, types=str):
     for k in keys:
         if k not in record:
@@ -59,7 +47,7 @@ def _need(record, keys, path, line_no, types=str):
 def read_medmcqa(path):
     """MedMCQA train.json/dev.json: JSON lines with question, opa..opd, cop (1-4), subject_name."""
     out = []
-    for line_no, r in _json_lines(path):
+    for line_no, r in iter_json_objects(path, TaskFormatError):
         _need(r, ("question", "opa", "opb", "opc", "opd"), path, line_no)
         cop = r.get("cop")
         if not isinstance(cop, int) or not 1 <= cop <= 4:
@@ -73,7 +61,7 @@ def read_medmcqa(path):
 def read_medqa(path):
     """MedQA-USMLE: JSON lines with question, options {A..E or A..D}, answer_idx."""
     out = []
-    for line_no, r in _json_lines(path):
+    for line_no, r in iter_json_objects(path, TaskFormatError):
         _need(r, ("question", "answer_idx"), path, line_no)
         _need(r, ("options",), path, line_no, dict)
         letters = sorted(r["options"])

@@ -1,5 +1,6 @@
-"""Small helpers shared by the tools: atomic outputs and progress bars."""
+"""Small helpers shared by the tools: atomic outputs, progress bars, JSONL records."""
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -39,3 +40,19 @@ def progress(**kwargs):
     kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(**kwargs)
+
+
+def iter_json_objects(path, error=ValueError):
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
+    object raises `error` naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise error(f"{path}:{line_no}: not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise error(f"{path}:{line_no}: expected a JSON object")
+            yield line_no, record
