@@ -2,6 +2,7 @@
 import dataclasses
 import math
 from dataclasses import dataclass
+from megatron_biomed.errors import UsageError
 
 
 @dataclass
@@ -58,7 +59,7 @@ def preset(name, **overrides):
     return PRESETS[name].replace(**overrides)
 
 
-class LayoutError(ValueError):
+class LayoutError(UsageError, ValueError):
     """A parallel layout that cannot work; the message names the flag to change."""
 
 
@@ -126,3 +127,9 @@ class ParallelConfig:
             raise LayoutError(f"interleaved pipelining needs the number of micro-batches "
                               f"({self.num_microbatches(world_size)}) divisible by "
                               f"--pipeline-model-parallel-size {pp}")
+
+
+def config_from_dict(d):
+    """A GPTConfig from saved settings; keys it does not know (newer or older versions) are ignored."""
+    fields = GPTConfig.__dataclass_fields__
+    return GPTConfig(**{k: v for k, v in d.items() if k in fields})

@@ -39,3 +39,15 @@ def trained_tokenizer(tmp_path_factory):
     run_tool("train_tokenizer", "--input", corpus, "--output-dir", d / "tokenizer",
              "--vocab-size", 1000, "--no-progress", check=0)
     return d / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def dataset(trained_tokenizer, tmp_path_factory):
+    """A .bin/.idx pretraining dataset of synthetic PubMed-like documents, made by our tools."""
+    from megatron_biomed.data import synthetic
+    d = tmp_path_factory.mktemp("pretrain_data")
+    inp = write_jsonl(d / "docs.jsonl", synthetic.pubmed_like_documents(400, seed=5))
+    run_tool("preprocess_data", "--input", inp, "--output-prefix", d / "pubmed", "--tokenizer-type",
+             "HuggingFaceTokenizer", "--tokenizer-model", trained_tokenizer, "--append-eod", "--no-progress", check=0)
+    return {"prefix": str(d / "pubmed_text_document"), "vocab": str(trained_tokenizer / "vocab.json"),
+            "cache": str(d / "cache")}

@@ -11,19 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_tool, write_jsonl
-
-from megatron_biomed.data import synthetic
-
-
-@pytest.fixture(scope="module")
-def dataset(trained_tokenizer, tmp_path_factory):
-    d = tmp_path_factory.mktemp("pretrain_data")
-    inp = write_jsonl(d / "docs.jsonl", synthetic.pubmed_like_documents(400, seed=5))
-    run_tool("preprocess_data", "--input", inp, "--output-prefix", d / "pubmed", "--tokenizer-type",
-             "HuggingFaceTokenizer", "--tokenizer-model", trained_tokenizer, "--append-eod", "--no-progress", check=0)
-    return {"prefix": str(d / "pubmed_text_document"), "vocab": str(trained_tokenizer / "vocab.json"),
-            "cache": str(d / "cache")}
+from conftest import ROOT
 
 
 def base_args(ds, tmp_path, iters=8, **kw):

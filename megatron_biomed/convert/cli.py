@@ -12,6 +12,7 @@ import torch
 
 from megatron_biomed.convert import storage as S
 from megatron_biomed.convert.storage import CheckpointFormatError
+from megatron_biomed.errors import UsageError, add_debug_flag, entry_point
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +44,9 @@ def build_parser():
     g.add_argument("--activation", choices=["gelu_new", "gelu"], default=None,
                    help="default: from the args (fused bias-gelu and --openai-gelu are gelu_new)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --save")
-    return p
+    p.add_argument("--no-verify-checkpoint", action="store_true",
+                   help="do not check our checkpoint's files against its manifest.json checksums")
+    return add_debug_flag(p)
 
 
 def detect_format(path):
@@ -88,7 +91,7 @@ def open_source(args):
         from megatron_biomed.convert.megatron_lm import MegatronLMSource
         return MegatronLMSource(args.load, args.iteration, args.num_attention_heads, vocab_size, args.activation)
     from megatron_biomed.convert.ours import OursSource
-    return OursSource(args.load, args.iteration)
+    return OursSource(args.load, args.iteration, verify=not args.no_verify_checkpoint)
 
 
 def _tokenizer(args, source):
@@ -137,7 +140,7 @@ def convert(args):
     if os.path.abspath(args.load) == save:
         raise CheckpointFormatError("--save must differ from --load")
     if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)) and not args.force:
-        raise FileExistsError(f"--save {args.save} exists and is not empty; pass --force to replace it")
+        raise UsageError(f"--save {args.save}: exists and is not empty; pass --force to replace it")
     source = open_source(args)
     tokenizer = _tokenizer(args, source)
     from megatron_biomed.convert.ours import check_layout, model_size_bytes, write_ours
@@ -180,17 +183,8 @@ def convert(args):
           f"{'' if tokenizer is not None else ', no tokenizer'}", flush=True)
 
 
+@entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        convert(args)
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointFormatError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to --save", file=sys.stderr)
-        return 130
+    convert(args)
     return 0

@@ -8,7 +8,7 @@ optimizer and training state.
 """
 import torch
 
-from megatron_biomed.config import GPTConfig
+from megatron_biomed.config import GPTConfig, config_from_dict  # noqa: F401 - re-exported
 
 
 def expected_specs(cfg: GPTConfig, dtype=torch.float32):
@@ -17,8 +17,3 @@ def expected_specs(cfg: GPTConfig, dtype=torch.float32):
     with torch.device("meta"):
         model = GPT(cfg.replace(make_vocab_size_divisible_by=1))
     return {n: (tuple(p.shape), dtype) for n, p in model.named_parameters() if n != "lm_head.weight"}
-
-
-def config_from_dict(d):
-    fields = GPTConfig.__dataclass_fields__
-    return GPTConfig(**{k: v for k, v in d.items() if k in fields})

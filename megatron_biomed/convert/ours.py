@@ -9,7 +9,8 @@ from megatron_biomed.config import LayoutError, ParallelConfig
 from megatron_biomed.convert import storage as S
 from megatron_biomed.convert.common import config_from_dict, expected_specs
 from megatron_biomed.convert.storage import CheckpointFormatError
-from megatron_biomed.training.checkpoint import LATEST, iteration_dir
+from megatron_biomed.checkpoint import manifest as MF
+from megatron_biomed.checkpoint.layout import CONFIG, LATEST, iteration_dir
 
 TOKENIZER_DIR = "tokenizer"  # tokenizer files kept beside an imported checkpoint
 _OPTIM_STATES = ("exp_avg", "exp_avg_sq", "step")
@@ -34,8 +35,9 @@ def resolve_iteration_dir(path, iteration=None):
 
 
 class OursSource:
-    def __init__(self, path, iteration=None):
+    def __init__(self, path, iteration=None, verify=True):
         self.directory, self.root = resolve_iteration_dir(path, iteration)
+        self.verified = verify_checkpoint(self.directory) if verify else None
         meta_path = os.path.join(self.directory, "config.json")
         try:
             with open(meta_path) as f:
@@ -87,6 +89,18 @@ class OursSource:
         from megatron_biomed.data.tokenizer import load_tokenizer
         files = self.tokenizer_files()
         return load_tokenizer("GPT2BPETokenizer", *files) if files else None
+
+
+def verify_checkpoint(directory):
+    """Check `directory` against its manifest; True when it verifies, False when it has none."""
+    problems = MF.verify(directory)
+    if problems is None:
+        return False
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointFormatError(f"{problems[0]}{more}; restore the checkpoint from a copy, convert an "
+                                    f"earlier iteration (--iteration), or pass --no-verify-checkpoint")
+    return True
 
 
 def _pad_rows(t, rows):
@@ -155,8 +169,9 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
         from megatron_biomed.data.tokenizer import save_tokenizer
         save_tokenizer(tokenizer, os.path.join(out_dir, TOKENIZER_DIR), cfg.seq_length)
         meta["config"]["vocab_file"] = None  # resolved to <root>/tokenizer/ on load
-    with open(os.path.join(d, "config.json"), "w") as f:
+    with open(os.path.join(d, CONFIG), "w") as f:
         json.dump(meta, f, indent=1, default=str)
+    MF.write_manifest(d, {n: MF.file_entry(d, n) for n in os.listdir(d)})
     with open(os.path.join(out_dir, LATEST), "w") as f:
         f.write(f"{iteration}\n")
 

@@ -1,9 +1,8 @@
 """Streaming reads and writes of the checkpoint files we convert between, one tensor in memory
 at a time: DCP directories (ours, Megatron-LM's torch_dist) and safetensors files.
 
-Security: a DCP directory's `.metadata` is a pickle, which torch reads with `pickle.load` (able
-to run any code a crafted file names). We read it with an unpickler that only builds DCP's own
-metadata classes; tensors themselves are read by DCP with `torch.load(weights_only=True)`.
+Security: a DCP directory's `.metadata` is read without arbitrary unpickling
+(checkpoint/metadata.py); tensors are read by DCP with `torch.load(weights_only=True)`.
 """
 import json
 import math
@@ -15,56 +14,10 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint that cannot be read or converted; the message names the file or tensor."""
-
-
-# -- DCP ---------------------------------------------------------------------------------------
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem")
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-            ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, f, path):
-        super().__init__(f)
-        self.path = path
-
-    def find_class(self, module, name):
-        obj = None
-        if (module, name) in _ALLOWED or (module in _DCP_MODULES and not name.startswith("__")):
-            obj = super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            obj = getattr(torch, name)
-        if obj is None or (module in _DCP_MODULES and not isinstance(obj, (type, dict))):
-            raise CheckpointFormatError(f"{self.path}: refusing to unpickle {module}.{name} "
-                                        f"(not part of a checkpoint's metadata)")
-        return obj
-
-
-def read_dcp_metadata(path):
-    """The Metadata of a DCP directory, unpickled with the allowlist above."""
-    with open(path, "rb") as f:
-        return _MetadataUnpickler(f, path).load()
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata read cannot run code."""
-
-    def read_metadata(self, *args, **kwargs):
-        rank = kwargs.get("rank")
-        metadata = read_dcp_metadata(str(self._get_metadata_path(rank)))
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+from megatron_biomed.checkpoint.metadata import (CheckpointFormatError, SafeFileSystemReader,  # noqa: F401
+                                                 read_dcp_metadata, storage_problems)
 
 
 class DCPReader:
@@ -75,17 +28,10 @@ class DCPReader:
         meta_path = os.path.join(self.directory, ".metadata")
         if not os.path.isfile(meta_path):
             raise CheckpointFormatError(f"{self.directory}: not a checkpoint directory (no .metadata)")
-        try:
-            self.metadata = read_dcp_metadata(meta_path)
-        except CheckpointFormatError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise CheckpointFormatError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
-        files = sorted({str(info.relative_path) for info in (self.metadata.storage_data or {}).values()})
-        missing = [f for f in files if not os.path.isfile(os.path.join(self.directory, f))]
-        if missing:
-            raise CheckpointFormatError(f"{self.directory}: missing shard file(s) {', '.join(missing)} "
-                                        f"(an incomplete copy of the checkpoint?)")
+        self.metadata = read_dcp_metadata(meta_path)
+        problems = storage_problems(self.directory, self.metadata)
+        if problems:
+            raise CheckpointFormatError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         self.tensors = {k: m for k, m in self.metadata.state_dict_metadata.items()
                         if isinstance(m, TensorStorageMetadata)}
         self.objects = {k for k, m in self.metadata.state_dict_metadata.items()

@@ -25,6 +25,7 @@ from lxml import etree
 
 from megatron_biomed.data import pubmed_xml as px
 from megatron_biomed.utils import atomic_output, progress
+from megatron_biomed.errors import UserError
 
 OUTPUT_FIELDS = ("id", "source", "title", "text", "year", "journal")
 XML_SUFFIXES = (".xml", ".nxml", ".xml.gz", ".nxml.gz")
@@ -32,7 +33,7 @@ TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 RECORD_SKIPPED, RECORD_WRITTEN, DELETE = 0, 1, 2
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A problem with one input (file or tar member), reported with its location."""
 
 

@@ -24,9 +24,10 @@ import numpy as np
 
 from megatron_biomed.data import indexed
 from megatron_biomed.utils import progress
+from megatron_biomed.errors import UserError
 
 
-class PreprocessError(Exception):
+class PreprocessError(UserError):
     pass
 
 

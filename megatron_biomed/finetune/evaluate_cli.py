@@ -34,35 +34,29 @@ def build_parser():
     return p
 
 
-def _read(task, path, args):
-    kw = {"split_file": args.split_file, "split": args.split} if task == "pubmedqa" else {}
-    return T.read_task(task, path, **kw)
-
-
 def main(argv=None):
     from megatron_biomed.convert.storage import CheckpointFormatError
     from megatron_biomed.generation import load_for_inference
     from megatron_biomed.utils import atomic_output, progress
     args = build_parser().parse_args(argv)
     try:
-        examples = _read(args.task, args.data, args)
+        examples = T.read_task(args.task, args.data, args.split_file, args.split)
         if args.limit:
             examples = examples[:args.limit]
         if not examples:
             raise T.TaskFormatError(f"{args.data}: no examples")
-        pool = _read(args.task, args.fewshot_data, args) if args.fewshot_data else examples
+        pool = T.read_task(args.task, args.fewshot_data, args.split_file, args.split) if args.fewshot_data \
+            else examples
         model, tok = load_for_inference(args.load, args.device, args.dtype, args.vocab_file, args.merge_file)
         rng = random.Random(args.seed)
         predictions = []
         bar = progress(total=len(examples), desc=f"{args.task} {args.num_fewshot}-shot", unit="q")
         for e in examples:
             shots = rng.sample([s for s in pool if s.id != e.id], args.num_fewshot) if args.num_fewshot else ()
-            p, _ = Z.evaluate(model, tok, [e], shots)
-            predictions += p
+            predictions.append(Z.predict(model, tok, e, shots))
             bar.update(1)
         bar.close()
-        results = {"acc": Z.metrics(examples, predictions, "pred"), "acc_norm": Z.metrics(examples, predictions,
-                                                                                         "pred_norm")}
+        results = Z.summary(examples, predictions)
     except (T.TaskFormatError, CheckpointFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

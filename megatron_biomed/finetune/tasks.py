@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass, field
 
 from megatron_biomed.utils import iter_json_objects
+from megatron_biomed.errors import UserError
 
 
-class TaskFormatError(ValueError):
+class TaskFormatError(UserError, ValueError):
     pass
 
 
@@ -185,9 +186,13 @@ TASKS = {"medmcqa": read_medmcqa, "medqa": read_medqa, "pubmedqa": read_pubmedqa
          "mmlu": read_mmlu}
 
 
-def read_task(task, path, **kw):
+def read_task(task, path, split_file=None, split="test", **kw):
+    """The examples of `path`; `split_file` and `split` select PubMedQA's official test set or
+    the rest (the other tasks ship their splits as separate files)."""
     if task not in TASKS:
         raise TaskFormatError(f"unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{task}: no such file {path}")
+    if task == "pubmedqa":
+        kw.update(split_file=split_file, split=split)
     return TASKS[task](path, **kw)

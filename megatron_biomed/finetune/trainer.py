@@ -14,11 +14,12 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from megatron_biomed.finetune import classifier as C
 from megatron_biomed.finetune import tasks as T
 from megatron_biomed.finetune import zero_shot as Z
+from megatron_biomed.parallel import parallelize as P
+from megatron_biomed.utils import atomic_output, print0
 
 
 def build_parser():
@@ -49,16 +50,6 @@ def build_parser():
     p.add_argument("--merge-file", default=None)
     p.add_argument("--save", required=True, help="output directory: best/ weights, predictions, metrics.json")
     return p
-
-
-def _print0(*a):
-    if dist.get_rank() == 0:
-        print(*a, flush=True)
-
-
-def _read(task, path, args, split):
-    kw = {"split_file": args.split_file, "split": split} if task == "pubmedqa" and args.split_file else {}
-    return T.read_task(task, path, **kw)
 
 
 class FineTuner:
@@ -114,27 +105,11 @@ class FineTuner:
 
     @torch.no_grad()
     def _reduce_and_clip(self):
-        for p in self.params:
-            if p.grad is None:
-                continue
-            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
-                # an embedding's gradient can come back Replicate for a Shard(0) weight
-                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
-            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            if self.dp > 1:
-                dist.all_reduce(g, group=self.mesh["dp"].get_group())
-                g /= self.dp
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in self.params:
-            if p.grad is not None:
-                n = torch.linalg.vector_norm(p.grad.float())
-                sq += (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
-        norm = sq.sqrt()
-        if self.args.clip_grad:
-            factor = (self.args.clip_grad / (norm + 1e-6)).clamp(max=1.0).float()
-            for p in self.params:
-                if p.grad is not None:  # on the local shards: DTensor in-place ops with a plain scalar tensor
-                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(factor)
+        P.match_grad_placements(self.params)
+        if self.dp > 1:
+            P.average_gradients(self.params, self.mesh["dp"].get_group(), self.dp)
+        norm = P.grad_square_sum(self.params, self.device).sqrt()
+        P.clip_gradients(self.params, self.args.clip_grad, norm)
         return float(norm)
 
     def train_epoch(self, examples, encoded, epoch, step, total_steps, warmup):
@@ -180,14 +155,12 @@ class FineTuner:
         return out
 
     def state(self):
-        return {n: p for n, p in self.model.state_dict().items()}
+        return self.model.state_dict()
 
 
 def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def run(args):
@@ -198,9 +171,9 @@ def run(args):
     from megatron_biomed.parallel import mesh as M
     device = M.init_distributed()
     t0 = time.time()
-    train = _read(args.task, args.train_data, args, "train")
-    valid = _read(args.task, args.valid_data, args, "test")
-    test = _read(args.task, args.test_data, args, "test") if args.test_data else None
+    train = T.read_task(args.task, args.train_data, args.split_file, "train")
+    valid = T.read_task(args.task, args.valid_data, args.split_file, "test")
+    test = T.read_task(args.task, args.test_data, args.split_file, "test") if args.test_data else None
     if not train or not valid:
         raise T.TaskFormatError("no training or validation examples")
     if args.load:
@@ -222,20 +195,21 @@ def run(args):
         raise ValueError(f"{len(train)} training examples are fewer than --global-batch-size {args.global_batch_size}")
     total = steps_per_epoch * args.epochs
     warmup = max(1, int(args.warmup_ratio * total))
-    _print0(f"fine-tuning on {len(train)} {args.task} examples ({'multiple choice' if ft.multiple_choice else 'classification'}, "
+    print0(f"fine-tuning on {len(train)} {args.task} examples ({'multiple choice' if ft.multiple_choice else 'classification'}, "
             f"{ft.num_choices} choices): {args.epochs} epochs x {steps_per_epoch} steps, warmup {warmup}, "
             f"world {dist.get_world_size()} (tp {args.tensor_model_parallel_size}, dp {ft.dp})")
     os.makedirs(args.save, exist_ok=True)
     m = Z.metrics(valid, ft.predict(valid, enc_valid))
     history = [{"epoch": 0, "valid": m}]
-    _print0(f" before fine-tuning | dev accuracy {m['accuracy']:.4f}")
+    print0(f" before fine-tuning | dev accuracy {m['accuracy']:.4f}")
     best, step = None, 0
     for epoch in range(1, args.epochs + 1):
         step, losses = ft.train_epoch(train, enc_train, epoch, step, total, warmup)
         preds = ft.predict(valid, enc_valid)
         m = Z.metrics(valid, preds)
-        history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "valid": m})
-        _print0(f" epoch {epoch}/{args.epochs} | train loss {sum(losses) / len(losses):.4f} | "
+        train_loss = sum(losses) / len(losses)
+        history.append({"epoch": epoch, "train_loss": train_loss, "valid": m})
+        print0(f" epoch {epoch}/{args.epochs} | train loss {train_loss:.4f} | "
                 f"dev accuracy {m['accuracy']:.4f}" + (f" | dev macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""))
         if best is None or m["accuracy"] > best["valid"]["accuracy"]:
             best = {"epoch": epoch, "valid": m}
@@ -257,10 +231,10 @@ def run(args):
         result["test"] = Z.metrics(test, preds)
         if dist.get_rank() == 0:
             _write(os.path.join(args.save, "test_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
-        _print0(f" test accuracy (best dev epoch {best['epoch']}): {result['test']['accuracy']:.4f}")
+        print0(f" test accuracy (best dev epoch {best['epoch']}): {result['test']['accuracy']:.4f}")
     if dist.get_rank() == 0:
         _write(os.path.join(args.save, "metrics.json"), json.dumps(result, indent=2))
-    _print0(f"done in {time.time() - t0:.0f} s: best dev accuracy {best['valid']['accuracy']:.4f} at epoch "
+    print0(f"done in {time.time() - t0:.0f} s: best dev accuracy {best['valid']['accuracy']:.4f} at epoch "
             f"{best['epoch']}; {args.save}/metrics.json")
     return result
 

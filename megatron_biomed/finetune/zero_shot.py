@@ -91,18 +91,21 @@ def metrics(examples, predictions, key="pred"):
     return out
 
 
-def evaluate(model, tok, examples, shots=(), progress=None):
-    prefix = fewshot_prefix(shots)
-    predictions = []
-    for e in examples:
-        lls, norms = score_example(model, tok, e, prefix)
-        predictions.append({"id": e.id, "label": e.label, "pred": max(range(len(lls)), key=lls.__getitem__),
-                            "pred_norm": max(range(len(norms)), key=norms.__getitem__),
-                            "loglikelihoods": lls, "probs": _softmax(lls)})
-        if progress is not None:
-            progress.update(1)
-    return predictions, {"acc": metrics(examples, predictions, "pred"),
-                         "acc_norm": metrics(examples, predictions, "pred_norm")}
+def predict(model, tok, example, shots=()):
+    """One example's prediction record: by log-likelihood (pred) and per byte (pred_norm)."""
+    lls, norms = score_example(model, tok, example, fewshot_prefix(shots))
+    return {"id": example.id, "label": example.label, "pred": max(range(len(lls)), key=lls.__getitem__),
+            "pred_norm": max(range(len(norms)), key=norms.__getitem__), "loglikelihoods": lls,
+            "probs": _softmax(lls)}
+
+
+def summary(examples, predictions):
+    return {"acc": metrics(examples, predictions, "pred"), "acc_norm": metrics(examples, predictions, "pred_norm")}
+
+
+def evaluate(model, tok, examples, shots=()):
+    predictions = [predict(model, tok, e, shots) for e in examples]
+    return predictions, summary(examples, predictions)
 
 
 def _softmax(xs):

@@ -171,12 +171,7 @@ class ParallelGPT:
     @torch.no_grad()
     def reduce_gradients(self):
         """Tied-embedding sum across first/last stage, then the data-parallel mean (DDP)."""
-        for p in self.parameters():
-            # An embedding's gradient can come back Replicate for a Shard(0) weight: give every
-            # gradient its parameter's layout so the reductions below see matching shards.
-            g = p.grad
-            if isinstance(g, DTensor) and g.placements != p.placements:
-                p.grad = g.redistribute(p.device_mesh, p.placements)
+        match_grad_placements(self.parameters())
         if self.embedding_group is not None:
             for m in self.modules:
                 for name in ("wte", "lm_head"):
@@ -188,42 +183,27 @@ class ParallelGPT:
                         if buf.data_ptr() != grad.data_ptr():
                             grad.copy_(buf)
         if self.dp > 1 and not self.fsdp:
-            grads = [_local(p.grad) for p in self.parameters() if p.grad is not None]
-            for bucket in _buckets(grads, 1 << 25):
-                flat = torch.cat([g.reshape(-1) for g in bucket])
-                dist.all_reduce(flat, group=self.dp_group)
-                flat /= self.dp
-                offset = 0
-                for g in bucket:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
+            average_gradients(self.parameters(), self.dp_group, self.dp)
 
     @torch.no_grad()
     def grad_norm(self):
         """Global L2 norm of all gradients, across tp, dp and pp, the tied embedding once."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for name, p in self.named_parameters():
-            if p.grad is None or (self.pp > 1 and name == "lm_head.weight"):
-                continue
-            n = torch.linalg.vector_norm(p.grad.float())
-            sq += (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
+        sq = grad_square_sum((p for name, p in self.named_parameters()
+                              if not (self.pp > 1 and name == "lm_head.weight")), self.device)
         if self.pp > 1:
             dist.all_reduce(sq, group=self.pp_group)
         return sq.sqrt()
 
     @torch.no_grad()
     def scale_gradients(self, factor):
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(factor)
+        scale_gradients(self.parameters(), factor)
 
     @torch.no_grad()
     def clip_gradients(self, max_norm, norm=None):
         """Scale all gradients so that their global norm is at most `max_norm`; returns the
         norm before clipping."""
         norm = self.grad_norm() if norm is None else norm
-        if max_norm and max_norm > 0:
-            self.scale_gradients((max_norm / (norm + 1e-6)).clamp(max=1.0).float())
+        clip_gradients(self.parameters(), max_norm, norm)
         return norm
 
     def train_step(self, tokens, targets, optimizer, clip_grad=1.0):
@@ -248,6 +228,56 @@ class ParallelGPT:
         for name, p in self.named_parameters():
             out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
         return out
+
+
+# -- gradient reductions shared with the fine-tuning loop (finetune/trainer.py) -----------------
+@torch.no_grad()
+def match_grad_placements(params):
+    """An embedding's gradient can come back Replicate for a Shard(0) weight: give every
+    gradient its parameter's layout so that reductions see matching shards."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and g.placements != p.placements:
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
+@torch.no_grad()
+def average_gradients(params, group, size):
+    """The mean of every gradient over `group` (data parallel), in flat buckets."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    for bucket in _buckets(grads, 1 << 25):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, group=group)
+        flat /= size
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+@torch.no_grad()
+def grad_square_sum(params, device):
+    """Sum of squared gradient entries (float64) over full tensors, DTensor shards included."""
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is not None:
+            n = torch.linalg.vector_norm(p.grad.float())
+            sq += (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
+    return sq
+
+
+@torch.no_grad()
+def scale_gradients(params, factor):
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+@torch.no_grad()
+def clip_gradients(params, max_norm, norm):
+    """Scale gradients whose global norm is `norm` so that it is at most `max_norm`."""
+    if max_norm and max_norm > 0:
+        scale_gradients(params, (max_norm / (norm + 1e-6)).clamp(max=1.0).float())
 
 
 def _buckets(tensors, max_numel):

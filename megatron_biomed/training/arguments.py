@@ -10,9 +10,10 @@ import os
 import yaml
 
 from megatron_biomed.arguments import add_model_args, add_parallel_args
+from megatron_biomed.errors import UsageError, add_debug_flag
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A bad setting; the message names the flag or the file."""
 
 
@@ -48,7 +49,11 @@ def add_training_args(parser):
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting the EOD token")
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="directory for checkpoints")
-    g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory if there is one")
+    g.add_argument("--load", default=None,
+                   help="resume from the latest checkpoint in this run directory if there is one (falling back, "
+                        "loudly, to the newest one that verifies), or from the iter_N directory named")
+    g.add_argument("--no-verify-checkpoint", action="store_true",
+                   help="load without checking the files against the checkpoint's manifest.json checksums")
     g.add_argument("--save-interval", type=int, default=None, help="save every this many iterations")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model's shape (layers, hidden, heads, vocabulary, ...) from the --load "
@@ -77,7 +82,7 @@ def build_parser():
                     "tensor, pipeline and data parallelism. Launch with torchrun or srun.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of settings; flags given here override it")
-    return add_training_args(add_parallel_args(add_model_args(parser)))
+    return add_debug_flag(add_training_args(add_parallel_args(add_model_args(parser))))
 
 
 def _yaml_defaults(parser, path):

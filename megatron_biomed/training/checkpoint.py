@@ -1,7 +1,7 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, reshardable, crash-safe.
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, reshardable, crash-safe, verified.
 
-Layout of `--save`:
-    iter_0000100/              .metadata, __<rank>_0.distcp shards, config.json
+Layout of `--save` (checkpoint/layout.py):
+    iter_0000100/              .metadata, __<rank>_0.distcp shards, config.json, manifest.json
     latest_checkpointed_iteration.txt
 
 Every tensor is saved under its name in the full, unsharded model ("model.h.3.attn.c_attn.weight",
@@ -9,13 +9,16 @@ Every tensor is saved under its name in the full, unsharded model ("model.h.3.at
 layout and the stages of any pipeline layout map onto the same keys, so a checkpoint loads into
 any other layout. The tied output layer is stored once, as the embedding ("wte.weight").
 
-A checkpoint is written to iter_N.tmp/, then renamed to iter_N/, and only then is
-latest_checkpointed_iteration.txt replaced (atomically). A save killed at any point therefore
-leaves the previous checkpoint as the latest, and a .tmp directory is never read.
+A save writes iter_N.tmp/ completely, checksums included (checkpoint/manifest.py), and only then
+makes it iter_N/ and the latest; a kill at any point leaves the previous checkpoint as the latest,
+and what it left behind is repaired by the next save or start (checkpoint/layout.clean_stale).
+A load verifies the checksums first; when `--load` names a run directory, a checkpoint that fails
+is skipped, loudly, for the newest one that verifies.
 """
 import json
 import os
 import shutil
+import signal
 import time
 
 import torch
@@ -23,19 +26,38 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from megatron_biomed.convert.storage import SafeFileSystemReader, read_dcp_metadata
+from megatron_biomed.checkpoint import layout as L
+from megatron_biomed.checkpoint import manifest as MF
+from megatron_biomed.checkpoint.layout import LATEST, iteration_dir  # noqa: F401 - re-exported
+from megatron_biomed.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata, storage_problems
+from megatron_biomed.errors import UserError, one_line
 from megatron_biomed.training.optimizer import init_optimizer_state
-from megatron_biomed.utils import atomic_output
-
-LATEST = "latest_checkpointed_iteration.txt"
+from megatron_biomed.utils import atomic_output, fsync_dir, print0
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
-def iteration_dir(root, iteration):
-    return os.path.join(root, f"iter_{iteration:07d}")
+# Fault injection for the crash-safety tests: MEGATRON_BIOMED_TEST_KILL_AT=<point>@<iteration>
+# makes rank 0 kill itself with SIGKILL at that point of that iteration's save.
+KILL_POINTS = ("shards_written", "manifest_written", "moved_aside", "renamed", "latest_written")
+
+
+def _kill_point(point, iteration):
+    spec = os.environ.get("MEGATRON_BIOMED_TEST_KILL_AT")
+    if spec and spec == f"{point}@{iteration}" and dist.get_rank() == 0:
+        print(f"test hook: kill -9 at {point} of the save of iteration {iteration}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _agree(error):
+    """Collective: every rank learns whether any rank failed (a one-line message) and raises."""
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, one_line(error) if error is not None else None)
+    failed = [m for m in messages if m]
+    if failed:
+        raise CheckpointError(failed[0])
 
 
 def canonical_name(name):
@@ -69,87 +91,204 @@ def state_dict(model, optimizer, scaler=None, rank_rng=True):
     return sd
 
 
-def read_latest(root):
-    """The latest complete iteration in `root`, or None."""
-    path = os.path.join(root, LATEST)
-    if not os.path.exists(path):
-        return None
-    text = open(path).read().strip()
+def resolve_load(path):
+    """(root, explicit dir or None): `path` is a run directory or one iter_N directory in it."""
+    if L.is_checkpoint_dir(path) and L.iteration_of(path) is not None:
+        return os.path.dirname(os.path.abspath(path)), path
+    return path, None
+
+
+def read_latest(path):
+    """The iteration to load from `path` (a run directory or an iter_N directory), or None."""
+    root, explicit = resolve_load(path)
+    if explicit:
+        return L.iteration_of(explicit)
     try:
-        iteration = int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
-    d = iteration_dir(root, iteration)
-    if not os.path.exists(os.path.join(d, ".metadata")):
-        raise CheckpointError(f"{path} names iteration {iteration} but {d}/.metadata is missing")
-    return iteration
+        return L.read_latest(root)
+    except L.LayoutError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def saved_model_config(root):
-    """The model settings (GPTConfig fields) of the latest checkpoint in `root`."""
-    iteration = read_latest(root)
+def saved_model_config(path):
+    """The model settings (GPTConfig fields) of the checkpoint `path` names (its latest)."""
+    iteration = read_latest(path)
     if iteration is None:
-        raise CheckpointError(f"--use-checkpoint-args: no checkpoint in --load {root}")
-    path = os.path.join(iteration_dir(root, iteration), "config.json")
+        raise CheckpointError(f"--load {path}: no checkpoint there; --use-checkpoint-args needs one")
+    root, explicit = resolve_load(path)
+    cfg = os.path.join(explicit or iteration_dir(root, iteration), L.CONFIG)
     try:
-        with open(path) as f:
+        with open(cfg) as f:
             return json.load(f)["config"]["model"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: no model settings ({e})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg}: no model settings ({type(e).__name__}: {e}); the file is damaged "
+                              f"or not ours") from None
 
 
 def save(root, iteration, model, optimizer, scaler, config, consumed_samples, layout, kill_hook=None):
-    """Collective: every rank calls it."""
-    rank = dist.get_rank()
+    """Collective: every rank calls it. On failure every rank raises CheckpointError, nothing is
+    left under iter_N (unless it existed before, untouched) and the latest is unchanged."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     final = iteration_dir(root, iteration)
-    tmp = final + ".tmp"
+    tmp, old = final + ".tmp", final + ".old"
+    error = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
-        os.makedirs(tmp)
-    dist.barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            L.clean_stale(root, log=lambda m: print(m, flush=True))
+            os.makedirs(tmp)
+        except OSError as e:
+            error = e
+    _agree(error)
     sd = state_dict(model, optimizer, scaler)
     sd["train.iteration"] = torch.tensor(iteration, dtype=torch.int64)
     sd["train.consumed_samples"] = torch.tensor(consumed_samples, dtype=torch.int64)
     t0 = time.time()
-    dcp.save(sd, checkpoint_id=tmp)
-    dist.barrier()
-    if kill_hook is not None:
-        kill_hook(iteration)
+    entries = {}
+    try:
+        dcp.save(sd, checkpoint_id=tmp)
+        # each rank checksums the shards it wrote (still in its page cache)
+        entries = {n: MF.file_entry(tmp, n) for n in os.listdir(tmp) if n.startswith(f"__{rank}_")}
+    except Exception as e:  # noqa: BLE001 - disk full, read-only, ...: reported by every rank
+        error = e
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (one_line(error) if error is not None else None, entries))
+    failed = [m for m, _ in gathered if m]
+    error = None
     if rank == 0:
-        meta = {"iteration": iteration, "consumed_samples": consumed_samples, "layout": layout,
-                "world_size": dist.get_world_size(), "config": config}
-        with atomic_output(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
-        old = final + ".old"
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(root)
-        with atomic_output(os.path.join(root, LATEST), "w") as f:
-            f.write(f"{iteration}\n")
-        _fsync_dir(root)
-    dist.barrier()
+        try:
+            if failed:
+                raise CheckpointError(failed[0])
+            _kill_point("shards_written", iteration)
+            if kill_hook is not None:
+                kill_hook(iteration)
+            _publish(root, iteration, tmp, final, old, gathered, config, consumed_samples, layout)
+        except Exception as e:  # noqa: BLE001
+            error = e
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.isdir(old) and not os.path.exists(final):
+                os.replace(old, final)
+    elif failed:
+        error = CheckpointError(failed[0])
+    try:
+        _agree(error)
+    except CheckpointError as e:
+        latest = L.read_latest(root) if os.path.isdir(root) else None
+        raise CheckpointError(f"saving {final} failed: {e} (the latest checkpoint is still "
+                              f"{iteration_dir(root, latest) if latest is not None else 'none'})") from None
     return time.time() - t0
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _publish(root, iteration, tmp, final, old, gathered, config, consumed_samples, layout):
+    """Rank 0: config, manifest, then make iter_N and the latest point at it (see layout.py)."""
+    meta = {"iteration": iteration, "consumed_samples": consumed_samples, "layout": layout,
+            "world_size": dist.get_world_size(), "config": config}
+    with atomic_output(os.path.join(tmp, L.CONFIG), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    entries = {}
+    for _, e in gathered:
+        entries.update(e)
+    for name in os.listdir(tmp):
+        if name not in entries and name != MF.MANIFEST:
+            entries[name] = MF.file_entry(tmp, name)  # .metadata, config.json
+    MF.write_manifest(tmp, entries)
+    fsync_dir(tmp)
+    _kill_point("manifest_written", iteration)
+    if os.path.exists(final):  # saved before by a run that was killed before recording it
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        _kill_point("moved_aside", iteration)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    _kill_point("renamed", iteration)
+    L.write_latest(root, iteration)
+    _kill_point("latest_written", iteration)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True):
-    """Load the latest checkpoint in `root` into the model (and optimizer); returns
-    (iteration, consumed_samples, saved meta), or None when `root` has none."""
-    iteration = read_latest(root)
-    if iteration is None:
+def clean_stale(root):
+    """Collective: rank 0 repairs what killed saves left in `root` before anyone reads it."""
+    error = None
+    if dist.get_rank() == 0 and os.path.isdir(root):
+        try:
+            L.clean_stale(root, log=lambda m: print(m, flush=True))
+        except OSError as e:
+            error = e
+    _agree(error)
+
+
+def _problems(d, verify):
+    """Collective: what is wrong with checkpoint directory `d` (a list of messages naming files;
+    [] when it is fine), plus a note when it has no manifest. Ranks share the checksumming."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local, note = [], None
+    meta_path, cfg_path = os.path.join(d, ".metadata"), os.path.join(d, L.CONFIG)
+    if not os.path.isfile(meta_path):
+        local.append(f"{meta_path}: missing")
+    elif verify:
+        files = MF.read_manifest(d)
+        if files is None:
+            note = f"{d} has no {MF.MANIFEST} (saved by an older version): loading it without verification"
+        else:
+            names = sorted(files)
+            local += MF.verify(d, names[rank::world]) if MF.MANIFEST not in files else \
+                ([MF.check_file(d, MF.MANIFEST, files[MF.MANIFEST])] if rank == 0 else [])
+    if not local and os.path.isfile(meta_path):
+        try:
+            with open(cfg_path) as f:
+                json.load(f)
+            local += storage_problems(d, read_dcp_metadata(meta_path))
+        except (OSError, ValueError, UserError) as e:
+            local.append(str(e) if isinstance(e, UserError) else f"{cfg_path}: unreadable ({type(e).__name__}: {e})")
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    problems = []
+    for p in gathered:
+        problems += [x for x in p if x not in problems]
+    return problems, note
+
+
+def _choose(path, verify):
+    """Collective: (iteration, directory) to load, or None; falls back past checkpoints that fail
+    verification when `path` is a run directory, and says so loudly."""
+    root, explicit = resolve_load(path)
+    if explicit:
+        candidates = [(L.iteration_of(explicit), explicit)]
+    else:
+        latest = read_latest(root)
+        if latest is None:
+            return None
+        older = [i for i in L.complete_iterations(root) if i < latest]
+        candidates = [(i, iteration_dir(root, i)) for i in [latest] + older]
+    failures = []
+    for iteration, d in candidates:
+        problems, note = _problems(d, verify)
+        if not problems:
+            if note:
+                print0(f"note: {note}")
+            if failures:
+                bar = "!" * 100
+                print0(f"{bar}\nWARNING: {'; '.join(failures)}\nWARNING: falling back to {d}, the newest "
+                       f"checkpoint that verifies: training continues from iteration {iteration}\n{bar}")
+            return iteration, d
+        what = f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        if explicit:
+            raise CheckpointError(f"{what}; --load names this checkpoint: name another iter_N directory or "
+                                  f"the run directory (to fall back automatically), or pass "
+                                  f"--no-verify-checkpoint to load it anyway")
+        failures.append(f"checkpoint {d} fails verification: {what}")
+    raise CheckpointError(f"--load {path}: no checkpoint verifies ({'; '.join(failures)}); restore the files "
+                          f"from a copy, or pass --no-verify-checkpoint to load the latest anyway")
+
+
+def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True, verify=True):
+    """Collective. Load the checkpoint `root` names (a run directory: its latest verified one; an
+    iter_N directory: that one) into the model (and optimizer); returns (iteration,
+    consumed_samples, saved meta, directory), or None when there is none."""
+    chosen = _choose(root, verify)
+    if chosen is None:
         return None
-    d = iteration_dir(root, iteration)
-    with open(os.path.join(d, "config.json")) as f:
+    iteration, d = chosen
+    with open(os.path.join(d, L.CONFIG)) as f:
         meta = json.load(f)
     saved = read_dcp_metadata(os.path.join(d, ".metadata")).state_dict_metadata  # no arbitrary unpickling
     same_layout = meta.get("layout") == layout and meta.get("world_size") == dist.get_world_size()
@@ -177,7 +316,15 @@ def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True)
             raise CheckpointError(f"{d}: {k} has shape {tuple(saved[k].size)}, the model needs "
                                   f"{tuple(_global_shape(padded[k]))} (another model configuration?)")
         sd[k] = torch.empty(tuple(saved[k].size), dtype=padded[k].dtype)
-    dcp.load(sd, storage_reader=SafeFileSystemReader(d))
+    error = None
+    try:
+        dcp.load(sd, storage_reader=SafeFileSystemReader(d))
+    except Exception as e:  # noqa: BLE001 - a damaged file that no manifest could catch
+        error = e
+    try:
+        _agree(error)
+    except CheckpointError as e:
+        raise CheckpointError(f"{d}: cannot be read ({e}); load an earlier iter_N directory") from None
     for k, target in padded.items():
         _copy_rows(target, sd[k])
     if "train.loss_scaler" in sd and scaler is not None:
@@ -187,7 +334,7 @@ def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True)
         torch.set_rng_state(sd[f"rng.rank{rank}.cpu"])
     if f"rng.rank{rank}.cuda" in sd:
         torch.cuda.set_rng_state(sd[f"rng.rank{rank}.cuda"])
-    return int(sd["train.iteration"]), int(sd["train.consumed_samples"]), meta
+    return int(sd["train.iteration"]), int(sd["train.consumed_samples"]), meta, d
 
 
 def _global_shape(t):

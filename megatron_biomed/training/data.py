@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_biomed.parallel.tensor_parallel import IGNORE_INDEX
 from megatron_biomed.utils import atomic_output, progress
+from megatron_biomed.errors import UserError
 
 
 # megatron-core imports its optimizer package on the way to the datasets; on a machine without
@@ -25,7 +26,7 @@ from megatron_biomed.utils import atomic_output, progress
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     pass
 
 

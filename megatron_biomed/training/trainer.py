@@ -15,15 +15,16 @@ import torch.distributed as dist
 import yaml
 
 from megatron_biomed.arguments import model_config, parallel_config
-from megatron_biomed.config import LayoutError
 from megatron_biomed.model.gpt import flops_per_token
 from megatron_biomed.parallel import mesh as M
 from megatron_biomed.parallel.parallelize import ParallelGPT
 from megatron_biomed.training import checkpoint as C
 from megatron_biomed.training.arguments import ConfigError, effective_config, parse_args
-from megatron_biomed.training.data import DataError, build_datasets, get_batch
+from megatron_biomed.training.data import build_datasets, get_batch
 from megatron_biomed.training.metrics import Metrics, peak_memory_gb, peak_tflops
 from megatron_biomed.training.optimizer import LossScaler, build_optimizer, lr_at, set_lr
+from megatron_biomed.utils import print0
+from megatron_biomed.errors import UserError, entry_point, report
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: saved and stopped early; slurm/ scripts requeue on it
 # Written into --save beside the checkpoints on such an exit, for launchers that do not pass the
@@ -31,7 +32,7 @@ EXIT_RESUMABLE = 75  # EX_TEMPFAIL: saved and stopped early; slurm/ scripts requ
 RESUMABLE_MARKER = "resumable_exit.txt"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 
@@ -45,11 +46,6 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
-
-
-def _print0(*a, **kw):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **kw, flush=True)
 
 
 def _test_pause_hook():
@@ -90,14 +86,18 @@ class Trainer:
         config.update(model=dict(preset=args.model, **vars(self.model_config)), layout=self.layout,
                       global_batch_size=self.gbs)
         self.config = config
-        _print0("effective config:\n" + yaml.safe_dump(_plain(config), sort_keys=True).rstrip())
+        print0("effective config:\n" + yaml.safe_dump(_plain(config), sort_keys=True).rstrip())
 
         self.model = ParallelGPT(self.model_config, self.parallel, self.mesh, self.device, seed=args.seed)
         self.model.autocast_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.optimizer = build_optimizer(self.model, args, self.device)
         self.scaler = LossScaler(args.initial_loss_scale, args.min_loss_scale, args.loss_scale_window,
                                  args.hysteresis, args.loss_scale) if args.fp16 else None
-        self.iteration, self.last_saved = 0, None
+        # last_saved: the newest checkpoint of the current weights (loaded or saved); last_good:
+        # the newest this run saved after steps with a finite loss, which a NaN message may name.
+        self.iteration, self.last_saved, self.last_good, self.loaded_from = 0, None, None, None
+        if args.save:
+            C.clean_stale(args.save)
         self._load()
         eod = args.eod_id if args.eod_id is not None else self.model_config.vocab_size - 1
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
@@ -108,7 +108,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint_model_config(self):
-        from megatron_biomed.convert.common import config_from_dict
+        from megatron_biomed.config import config_from_dict
         a = self.args
         if not a.load:
             raise ConfigError("--use-checkpoint-args needs --load")
@@ -124,13 +124,14 @@ class Trainer:
         a = self.args
         if not a.load or C.read_latest(a.load) is None:
             if a.load:
-                _print0(f"no checkpoint in --load {a.load}: starting from scratch")
+                print0(f"no checkpoint in --load {a.load}: starting from scratch")
             return
         t0 = time.time()
         finetune = a.finetune
         got = C.load(a.load, self.model, self.optimizer, self.scaler, self.layout,
-                     load_optim=not (a.no_load_optim or finetune), load_rng=not (a.no_load_rng or finetune))
-        iteration, consumed, meta = got
+                     load_optim=not (a.no_load_optim or finetune), load_rng=not (a.no_load_rng or finetune),
+                     verify=not a.no_verify_checkpoint)
+        iteration, consumed, meta, self.loaded_from = got
         if not finetune:
             self.iteration = iteration
             if consumed != iteration * self.gbs:
@@ -140,15 +141,15 @@ class Trainer:
             self.last_saved = iteration
         saved_layout = meta.get("layout")
         note = "" if saved_layout == self.layout else f" (saved as {saved_layout}, resharded to {self.layout})"
-        _print0(f"loaded checkpoint {C.iteration_dir(a.load, iteration)} in {time.time() - t0:.1f} s{note}")
+        print0(f"loaded checkpoint {self.loaded_from} in {time.time() - t0:.1f} s{note}")
 
     def save(self):
         a = self.args
-        _print0(f"saving checkpoint at iteration {self.iteration} to {a.save}")
+        print0(f"saving checkpoint at iteration {self.iteration} to {a.save}")
         seconds = C.save(a.save, self.iteration, self.model, self.optimizer, self.scaler, _plain(self.config),
                          self.iteration * self.gbs, self.layout, kill_hook=_test_pause_hook())
-        _print0(f"  saved {C.iteration_dir(a.save, self.iteration)} in {seconds:.1f} s")
-        self.last_saved = self.iteration
+        print0(f"  saved {C.iteration_dir(a.save, self.iteration)} in {seconds:.1f} s")
+        self.last_saved = self.last_good = self.iteration
 
     # -- steps ------------------------------------------------------------------------------
     def train_step(self, tokens, targets):
@@ -182,15 +183,24 @@ class Trainer:
             total += float(self.model.evaluate(tokens.to(self.device), targets.to(self.device)))
         loss = total / a.eval_iters
         ppl = math.exp(min(20.0, loss))
-        _print0(f" {name} loss at iteration {self.iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.6E}")
+        print0(f" {name} loss at iteration {self.iteration} | lm loss: {loss:.6E} | lm loss PPL: {ppl:.6E}")
         self.metrics.scalars(self.iteration, **{f"{name}/loss": loss, f"{name}/ppl": ppl})
         self.metrics.flush()
         return loss
 
     def _last_good(self):
-        if self.last_saved is not None and self.args.save:
-            return f"; the last good checkpoint is {C.iteration_dir(self.args.save, self.last_saved)}"
-        return "; no checkpoint was saved"
+        """Where to resume from after a non-finite loss: never the checkpoint this run started
+        from, which may be what went wrong."""
+        if self.last_good is not None:
+            return (f"; the last good checkpoint is {C.iteration_dir(self.args.save, self.last_good)}, saved after "
+                    f"finite steps")
+        if self.loaded_from is None:
+            return "; no checkpoint was saved"
+        root = os.path.dirname(os.path.abspath(self.loaded_from))
+        earlier = [i for i in C.L.complete_iterations(root) if i < C.L.iteration_of(self.loaded_from)]
+        hint = (f"; to go back further pass --load {C.iteration_dir(root, earlier[0])}" if earlier else "")
+        return (f"; this run saved no checkpoint and started from {self.loaded_from}, which may itself be "
+                f"bad{hint}")
 
     def _stop_requested(self, signals, start):
         a = self.args
@@ -211,7 +221,7 @@ class Trainer:
             os.remove(os.path.join(a.save, RESUMABLE_MARKER))
         tokens_per_batch = self.gbs * self.model_config.seq_length
         interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0}
-        _print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {self.gbs} x "
+        print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {self.gbs} x "
                 f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}")
         self.model.train(True)
         while self.iteration < a.train_iters:
@@ -239,7 +249,7 @@ class Trainer:
             if reason:
                 if a.save and self.last_saved != self.iteration:
                     self.save()
-                _print0(f"{reason}: stopping at iteration {self.iteration}"
+                print0(f"{reason}: stopping at iteration {self.iteration}"
                         f"{' (checkpoint saved; resume with --load)' if a.save else ' (no --save: nothing saved)'}")
                 if a.save and self.rank == 0:
                     with open(os.path.join(a.save, RESUMABLE_MARKER), "w") as f:
@@ -248,7 +258,7 @@ class Trainer:
             if a.exit_interval and self.iteration % a.exit_interval == 0:
                 if a.save and self.last_saved != self.iteration:
                     self.save()
-                _print0(f"--exit-interval {a.exit_interval} reached at iteration {self.iteration}")
+                print0(f"--exit-interval {a.exit_interval} reached at iteration {self.iteration}")
                 return 0
         if a.save and self.last_saved != self.iteration:
             self.save()
@@ -270,7 +280,7 @@ class Trainer:
         loss = interval["loss"] / max(1, interval["n"])
         mem = peak_memory_gb(self.device)
         scale = self.scaler.scale if self.scaler else None
-        _print0(f" iteration {self.iteration:8d}/{self.args.train_iters:8d} | consumed samples: "
+        print0(f" iteration {self.iteration:8d}/{self.args.train_iters:8d} | consumed samples: "
                 f"{self.iteration * self.gbs:12d} | elapsed time per iteration (ms): {per_iter * 1000:.1f} | "
                 f"learning rate: {lr:.6E} | global batch size: {self.gbs:5d} | lm loss: {loss:.6E} | "
                 + (f"loss scale: {scale:.1f} | " if scale else "")
@@ -295,26 +305,21 @@ def _plain(obj):
     return str(obj)
 
 
+@entry_point
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
     signals = _Signals()  # before setup, so that an early SIGTERM is not fatal either
     trainer = None
     code = 0
     try:
         trainer = Trainer(args)
         code = trainer.train(signals)
-    except (ConfigError, LayoutError) as e:
-        _print0(f"error: {e}", file=sys.stderr)
-        code = 2
-    except (TrainingError, DataError, C.CheckpointError) as e:
-        _print0(f"error: {e}", file=sys.stderr)
-        code = 1
+    except UserError as e:  # raised on every rank alike, so the barrier in destroy() is safe
+        code = e.exit_code
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            report(e)
     finally:
         if trainer is not None:
             trainer.metrics.close()
-    M.destroy()  # every error above is raised on all ranks alike, so the barrier inside is safe
+    M.destroy()
     return code

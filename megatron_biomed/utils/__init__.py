@@ -34,12 +34,28 @@ def atomic_output(path, mode="wb", **kwargs):
         raise
 
 
+def fsync_dir(path):
+    """Make renames and new files in `path` durable (a crash after this keeps them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def progress(**kwargs):
     """A tqdm bar on stderr; quiet when not a terminal unless asked (keeps CI logs short)."""
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(**kwargs)
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 of the default process group (or when there is none), flushed."""
+    import torch.distributed as dist  # here: the data tools import this module without torch
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
 
 
 def iter_json_objects(path, error=ValueError):

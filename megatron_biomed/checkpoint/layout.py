@@ -1,0 +1,103 @@
+"""A run directory (`--save`/`--load`):
+
+    iter_0000100/                      one complete checkpoint (.metadata, *.distcp, config.json,
+                                       manifest.json)
+    latest_checkpointed_iteration.txt  the iteration to resume from
+
+How a save makes a checkpoint visible (training/checkpoint.py): write iter_N.tmp/ completely
+(manifest last), move an existing iter_N aside to iter_N.old, rename iter_N.tmp -> iter_N,
+replace the latest file atomically, delete iter_N.old. A kill between any two steps leaves
+something `clean_stale` repairs on the next start: a .tmp is deleted (it never became a
+checkpoint), an .old is deleted when its iter_N exists and renamed back when it does not (it was
+complete when it was moved aside), temporary latest files are deleted.
+"""
+import os
+import re
+import shutil
+
+from megatron_biomed.utils import atomic_output, fsync_dir
+
+LATEST = "latest_checkpointed_iteration.txt"
+CONFIG = "config.json"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+_STALE = re.compile(r"^iter_(\d{7,})\.(tmp|old)$")
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def iteration_dir(root, iteration):
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def iteration_of(path):
+    """N for a path ending in iter_N, else None."""
+    m = _ITER.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def is_checkpoint_dir(path):
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def read_latest(root):
+    """The iteration latest_checkpointed_iteration.txt names, or None when there is none."""
+    path = os.path.join(root, LATEST)
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        raise LayoutError(f"{path}: expected an iteration number, found {text[:40]!r}; write the iteration "
+                          f"to resume from into it, or delete it to start from scratch")
+    return int(text)
+
+
+def write_latest(root, iteration):
+    with atomic_output(os.path.join(root, LATEST), "w") as f:
+        f.write(f"{iteration}\n")
+    fsync_dir(root)
+
+
+def complete_iterations(root):
+    """Iterations with a complete-looking iter_N/ (has .metadata and config.json), newest first."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = _ITER.match(name)
+        d = os.path.join(root, name)
+        if m and is_checkpoint_dir(d) and os.path.isfile(os.path.join(d, CONFIG)):
+            out.append(int(m.group(1)))
+    return sorted(out, reverse=True)
+
+
+def clean_stale(root, log=print):
+    """Repair what killed saves left in `root` (see the module docstring); one log line each.
+    Only the process that saves (rank 0) may call this, before it saves."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(root, name)
+        m = _STALE.match(name)
+        if m and m.group(2) == "tmp":
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}: left by a save that was interrupted before it completed")
+        elif m and m.group(2) == "old":
+            final = os.path.join(root, f"iter_{m.group(1)}")
+            if os.path.exists(final):
+                shutil.rmtree(path, ignore_errors=True)
+                log(f"removed {path}: the previous copy of a checkpoint that was saved again")
+            else:
+                os.replace(path, final)
+                log(f"restored {final} from {path}: a save that replaced it was interrupted")
+        elif name.startswith(f".{LATEST}.") and name.endswith(".tmp"):
+            os.unlink(path)
+            log(f"removed {path}: a temporary file of an interrupted save")
+    fsync_dir(root)

@@ -1,0 +1,91 @@
+"""Per-file checksums of a checkpoint (manifest.json), written before the checkpoint becomes
+visible and verified before it is loaded or converted, so that a flipped bit or a truncated copy
+is an error naming the file instead of a model that silently trains on garbage.
+
+xxHash's XXH3-128 reads at about the speed of memory (15 GB/s on one core here, against
+0.35 GB/s to write and fsync the same bytes; see benchmarks/checkpoint_hash.py), and each rank
+hashes the files it wrote itself, so the manifest adds about 2% to a save.
+"""
+import json
+import os
+
+import xxhash
+
+from megatron_biomed.utils import atomic_output
+
+MANIFEST = "manifest.json"
+ALGORITHM = "xxh3_128"
+_CHUNK = 8 << 20
+
+
+def hash_file(path):
+    h = xxhash.xxh3_128()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def file_entry(directory, name):
+    path = os.path.join(directory, name)
+    return {"size": os.path.getsize(path), ALGORITHM: hash_file(path)}
+
+
+def write_manifest(directory, entries):
+    """`entries`: {file name: file_entry(...)} of every file of the checkpoint but the manifest."""
+    with atomic_output(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump({"format": 1, "algorithm": ALGORITHM, "files": dict(sorted(entries.items()))}, f, indent=1)
+
+
+def read_manifest(directory):
+    """The {name: entry} of `directory`'s manifest, or None when it has none (an older
+    checkpoint). A manifest that is not valid JSON is itself a failed verification."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        files = data["files"]
+        if data.get("algorithm") != ALGORITHM or not isinstance(files, dict):
+            raise ValueError(f"unknown algorithm {data.get('algorithm')!r}")
+        return files
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {MANIFEST: {"error": f"unreadable ({type(e).__name__}: {e})"}}
+
+
+def check_file(directory, name, entry):
+    """None when the file matches its manifest entry, else what is wrong, naming the file."""
+    path = os.path.join(directory, name)
+    if "error" in entry:
+        return f"{path}: {entry['error']}"
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return f"{path}: missing"
+    if size != entry["size"]:
+        return f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or partly copied)"
+    if hash_file(path) != entry[ALGORITHM]:
+        return f"{path}: checksum mismatch (the file is corrupted)"
+    return None
+
+
+def verify(directory, names=None):
+    """Problems found in `directory` (all files, or only `names`), as messages naming each
+    file; [] when it verifies; None when it has no manifest."""
+    files = read_manifest(directory)
+    if files is None:
+        return None
+    if MANIFEST in files:
+        return [check_file(directory, MANIFEST, files[MANIFEST])]
+    problems = []
+    for name in sorted(files) if names is None else names:
+        p = check_file(directory, name, files[name])
+        if p:
+            problems.append(p)
+    return problems
