@@ -3,6 +3,8 @@ top-k and top-p, stopping at <|endoftext|>. Greedy decoding matches transformers
 import torch
 
 from megatron_biomed.model.gpt import KVCache
+from megatron_biomed.errors import add_debug_flag, entry_point
+from megatron_biomed.utils import clean_stale_temps
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -81,7 +83,7 @@ def build_parser():
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--vocab-file", default=None, help="tokenizer vocab.json (default: the checkpoint's)")
     p.add_argument("--merge-file", default=None, help="tokenizer merges.txt")
-    return p
+    return add_debug_flag(p)
 
 
 def _prompts(args):
@@ -124,6 +126,7 @@ def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge
     return build_model(source, device, dtype), tok
 
 
+@entry_point
 def main(argv=None):
     import contextlib
     import json
@@ -133,6 +136,9 @@ def main(argv=None):
     from megatron_biomed.data.tokenizer import EOD_TOKEN
     from megatron_biomed.utils import atomic_output
     args = build_parser().parse_args(argv)
+    for out in (getattr(args, "output", None), getattr(args, "metrics_file", None)):
+        if out and out != "-":
+            clean_stale_temps(out)
     if not args.prompt and not args.input:
         print("error: give --prompt or --input", file=sys.stderr)
         return 2

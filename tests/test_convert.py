@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_jsonl, run_tool, write_jsonl
-from test_pretrain import base_args, dataset, train  # noqa: F401 - dataset is a fixture
+from test_pretrain import base_args, train
 
 from megatron_biomed.convert.megatron_lm import MegatronLMSource
 from megatron_biomed.convert.ours import OursSource, build_model
@@ -244,7 +244,9 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     broken = tmp_path / "ours_missing"
     shutil.copytree(ours, broken)
     os.remove(broken / "iter_0000000" / "__0_0.distcp")
-    fails(broken, "missing shard file(s) __0_0.distcp")
+    fails(broken, f"{broken / 'iter_0000000' / '__0_0.distcp'}: missing; restore the checkpoint from a copy")
+    fails(broken, f"{broken / 'iter_0000000' / '__0_0.distcp'}: missing (an incomplete copy of the checkpoint?)",
+          "--no-verify-checkpoint")
     fails(ours, "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3",
           "--target-tensor-parallel-size", "3")
 
@@ -264,6 +266,9 @@ def test_crafted_checkpoint_metadata_cannot_run_code(tmp_path):
     with open(ours / "iter_0000000" / ".metadata", "wb") as f:
         pickle.dump(Evil(), f)
     r = convert("--load", ours, "--save", tmp_path / "hf2", "--target-format", "hf", "--no-tokenizer", check=1)
+    assert ".metadata: 110 bytes, the manifest says" in r.stderr  # caught before it is even read
+    r = convert("--load", ours, "--save", tmp_path / "hf2", "--target-format", "hf", "--no-tokenizer",
+                "--no-verify-checkpoint", check=1)
     assert "refusing to unpickle posix.system" in r.stderr
     assert not marker.exists()
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_tool
-from test_pretrain import dataset, scalars  # noqa: F401 - dataset is a fixture
+from test_pretrain import scalars
 from test_slurm_preprocess import make_inputs
 
 CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")

@@ -97,7 +97,7 @@ def clean_stale(root, log=print):
             else:
                 os.replace(path, final)
                 log(f"restored {final} from {path}: a save that replaced it was interrupted")
-        elif name.startswith(f".{LATEST}.") and name.endswith(".tmp"):
+        elif name.startswith(f".{LATEST}."):
             os.unlink(path)
             log(f"removed {path}: a temporary file of an interrupted save")
     fsync_dir(root)

@@ -45,7 +45,13 @@ def from_hf_config(hf) -> GPTConfig:
     if get("tie_word_embeddings", True) is False:
         raise CheckpointFormatError("tie_word_embeddings=False: the model has a separate output layer, "
                                     "ours ties it to the embedding")
-    n_embd = get("n_embd")
+    n_embd, n_head = get("n_embd"), get("n_head")
+    for key in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"):
+        if not isinstance(get(key), int) or get(key) <= 0:
+            raise CheckpointFormatError(f"{key} is {get(key)!r}, a positive integer is needed; fix config.json")
+    if n_embd % n_head:
+        raise CheckpointFormatError(f"n_embd {n_embd} is not divisible by n_head {n_head}; fix config.json "
+                                    f"(every head has n_embd / n_head dimensions)")
     return GPTConfig(
         vocab_size=get("vocab_size"), seq_length=get("n_positions"), num_layers=get("n_layer"),
         hidden_size=n_embd, num_attention_heads=get("n_head"),
@@ -134,7 +140,10 @@ class HFSource:
         if not set(archs) & {"GPT2LMHeadModel", "GPT2Model"}:
             raise CheckpointFormatError(f"{path}: architectures {archs} are not supported: only GPT2LMHeadModel "
                                         f"(GPT-2, BioMedLM) checkpoints convert")
-        self.config = from_hf_config(hf_config)
+        try:
+            self.config = from_hf_config(hf_config)
+        except CheckpointFormatError as e:
+            raise CheckpointFormatError(f"{path}: {e}") from None
         self.hf_config = hf_config
         self.description = f"Hugging Face {directory}"
         self.iteration = 0

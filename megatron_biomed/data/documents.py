@@ -24,8 +24,8 @@ import numpy as np
 from lxml import etree
 
 from megatron_biomed.data import pubmed_xml as px
-from megatron_biomed.utils import atomic_output, progress
-from megatron_biomed.errors import UserError
+from megatron_biomed.utils import atomic_output, clean_stale_temps, make_temp_dir, progress
+from megatron_biomed.errors import UserError, add_debug_flag, entry_point
 
 OUTPUT_FIELDS = ("id", "source", "title", "text", "year", "journal")
 XML_SUFFIXES = (".xml", ".nxml", ".xml.gz", ".nxml.gz")
@@ -217,6 +217,13 @@ class _FileWorker:
                             f"{path}: refused tar member {name!r}: absolute path or '..'")
                         self.result.counts["refused tar members"] += 1
                         continue
+                    if not (member.isfile() or member.isdir()):
+                        # links and devices: never followed or created, and counted so it shows
+                        kind = ("symlink" if member.issym() else "hard link" if member.islnk() else
+                                "device or fifo" if (member.isdev() or member.isfifo()) else "special file")
+                        self.result.errors.append(f"{path}: refused tar member {name!r}: {kind}")
+                        self.result.counts["refused tar members"] += 1
+                        continue
                     if not member.isfile() or not name.lower().endswith((".nxml", ".xml")):
                         continue
                     f = tar.extractfile(member)
@@ -304,7 +311,9 @@ def convert(inputs, output, workers=1, filters=Filters(), show_progress=True, de
         raise ValueError(f"slice {slice_index} of {num_slices} is empty: fewer input files than slices")
     out_dir = os.path.dirname(os.path.abspath(output)) or "."
     os.makedirs(out_dir, exist_ok=True)
-    shard_dir = tempfile.mkdtemp(prefix=".pubmed_to_jsonl-", dir=out_dir)
+    for path in [output] + ([deleted_output] if deleted_output else []):
+        clean_stale_temps(path)
+    shard_dir = make_temp_dir(output, "shards")
     try:
         tasks = [(i, f, os.path.join(shard_dir, f"{i:06d}.jsonl")) for i, f in enumerate(files)]
         sizes = {f: os.path.getsize(f) for f in files}
@@ -413,9 +422,10 @@ def build_parser():
                    help="split the inputs (in natural file-name order) into this many contiguous slices")
     p.add_argument("--slice", type=int, default=0, help="which slice to process (0-based)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    return add_debug_flag(p)
 
 
+@entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:

@@ -14,6 +14,8 @@ import tempfile
 
 import numpy as np
 
+from megatron_biomed.utils import make_temp_dir
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
@@ -38,7 +40,7 @@ class IndexedDatasetWriter:
         self.prefix, self.dtype = prefix, np.dtype(dtype).type
         directory = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(directory, exist_ok=True)
-        self._tmp = tempfile.mkdtemp(prefix="." + os.path.basename(prefix) + ".", dir=directory)
+        self._tmp = make_temp_dir(prefix)
         self._bin = open(os.path.join(self._tmp, "data.bin"), "wb")
         self._ids = open(os.path.join(self._tmp, "data.ids"), "w", encoding="utf-8") if write_ids else None
         self._lengths = []      # int32 arrays, one per batch
@@ -167,18 +169,38 @@ def read_index(path):
     with open(path, "rb") as f:
         if f.read(9) != MAGIC:
             raise ValueError(f"{path}: not a Megatron .idx file (bad magic)")
-        version, = struct.unpack("<Q", f.read(8))
+        header = f.read(25)
+        if len(header) != 25:
+            raise ValueError(f"{path}: truncated .idx file (its header is cut short)")
+        version, code, n_seq, n_doc = struct.unpack("<QBQQ", header)
         if version != VERSION:
             raise ValueError(f"{path}: unsupported .idx version {version}")
-        code, = struct.unpack("<B", f.read(1))
-        n_seq, = struct.unpack("<Q", f.read(8))
-        n_doc, = struct.unpack("<Q", f.read(8))
+        if code not in CODE_DTYPES:
+            raise ValueError(f"{path}: unknown dtype code {code} in the .idx header")
         lengths = np.fromfile(f, dtype=np.int32, count=n_seq)
         pointers = np.fromfile(f, dtype=np.int64, count=n_seq)
         doc_idx = np.fromfile(f, dtype=np.int64, count=n_doc)
     if len(lengths) != n_seq or len(doc_idx) != n_doc:
         raise ValueError(f"{path}: truncated .idx file")
     return CODE_DTYPES[code], lengths, pointers, doc_idx
+
+
+def check_dataset(prefix):
+    """Refuse, by name, a dataset whose .idx is damaged or whose .bin is shorter than the .idx
+    says (megatron-core would fail later with 'offset must be non-negative' or read garbage)."""
+    bin_path, idx_path = prefix + ".bin", prefix + ".idx"
+    for path in (bin_path, idx_path):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: does not exist; check --data-path (a prefix, without .bin/.idx)")
+    dtype, lengths, pointers, _ = read_index(idx_path)
+    itemsize = np.dtype(dtype).itemsize
+    expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
+    actual = os.path.getsize(bin_path)
+    if actual < expected:
+        raise ValueError(f"{bin_path}: {actual} bytes, but {idx_path} describes {expected} (truncated or partly "
+                         f"copied); copy it again or rerun tools/preprocess_data.py")
+    if len(lengths) == 0:
+        raise ValueError(f"{prefix}: the dataset has no documents; rerun tools/preprocess_data.py on the right input")
 
 
 def find_prefixes(directory):

@@ -4,6 +4,8 @@ import os
 import sys
 
 from megatron_biomed.data import indexed
+from megatron_biomed.errors import add_debug_flag, entry_point
+from megatron_biomed.utils import clean_stale_temps
 
 
 def build_parser():
@@ -17,9 +19,10 @@ def build_parser():
                    help="for slices of PubMed in file order: drop a document whose id appears again "
                         "in a later input or in a later input's {prefix}.deleted list (written by "
                         "pubmed_to_jsonl.py --write-deleted), as a single run would")
-    return p
+    return add_debug_flag(p)
 
 
+@entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -29,6 +32,8 @@ def main(argv=None):
                     if os.path.abspath(p) != os.path.abspath(args.output_prefix)]
         if not prefixes:
             raise FileNotFoundError(f"no .bin/.idx datasets in {args.input}")
+        for out in (args.output_prefix, *indexed.dataset_paths(args.output_prefix)):
+            clean_stale_temps(out)
         w = indexed.merge_datasets(prefixes, args.output_prefix, drop_superseded=args.drop_superseded)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

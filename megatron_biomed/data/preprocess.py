@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_biomed.data import indexed
-from megatron_biomed.utils import progress
-from megatron_biomed.errors import UserError
+from megatron_biomed.utils import clean_stale_temps, make_temp_dir, progress
+from megatron_biomed.errors import UserError, add_debug_flag, entry_point
 
 
 class PreprocessError(UserError):
@@ -191,8 +191,9 @@ def output_prefix_for(prefix, key, split_sentences):
     return f"{prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
-def encode_partition(chunks, prefix, config, workers, dtype, on_progress=None):
-    """Encode `chunks` in order into `{prefix}_{key}_{level}` datasets; returns totals."""
+def encode_partition(chunks, prefix, config, workers, dtype, on_progress=None, if_empty=None):
+    """Encode `chunks` in order into `{prefix}_{key}_{level}` datasets; returns totals. With
+    `if_empty` (a message), no documents is a PreprocessError and nothing is written."""
     writers = {k: indexed.IndexedDatasetWriter(output_prefix_for(prefix, k, config.split_sentences), dtype)
                for k in config.json_keys}
     totals = {"docs": 0, "tokens": 0, "empty": 0, "bytes": 0}
@@ -211,6 +212,8 @@ def encode_partition(chunks, prefix, config, workers, dtype, on_progress=None):
                 totals[k] += stats[k]
             if on_progress:
                 on_progress(stats)
+        if if_empty and totals["docs"] == 0:
+            raise PreprocessError(if_empty)
         for w in writers.values():
             w.finalize()
     except BaseException:
@@ -281,10 +284,18 @@ def preprocess(inputs, output_prefix, config, workers=1, partitions=1, chunk_byt
         bar.set_postfix_str(f"{seen['docs'] / dt:,.0f} docs/s, {seen['tokens'] / dt:,.0f} tokens/s",
                             refresh=False)
 
+    if_empty = (f"{', '.join(paths)}: no documents (no non-empty {'/'.join(config.json_keys)} field in any "
+                f"line); check --input and --json-keys")
+    outputs = {output_prefix}
+    for key in config.json_keys:
+        key_prefix = output_prefix_for(output_prefix, key, config.split_sentences)
+        outputs |= {key_prefix, *indexed.dataset_paths(key_prefix)}
+    for out in sorted(outputs):
+        clean_stale_temps(out)  # what a killed run into the same output left behind
     if partitions <= 1 or len(chunks) < 2:
-        totals = encode_partition(chunks, output_prefix, config, workers, dtype, on_progress)
+        totals = encode_partition(chunks, output_prefix, config, workers, dtype, on_progress, if_empty)
     else:
-        totals = _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, bar)
+        totals = _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, bar, if_empty)
     bar.close()
     totals["seconds"] = time.time() - t0
     totals["vocab_size"] = vocab_size
@@ -292,12 +303,12 @@ def preprocess(inputs, output_prefix, config, workers=1, partitions=1, chunk_byt
     return totals
 
 
-def _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, bar):
+def _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, bar, if_empty):
     groups = split_partitions(chunks, partitions)
     per_partition = max(1, workers // len(groups))
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output_prefix) + ".partitions.", dir=directory)
+    tmp = make_temp_dir(output_prefix, "partitions")
     ctx = multiprocessing.get_context("spawn")
     counter, queue = ctx.Value("q", 0), ctx.Queue()
     procs = []
@@ -327,6 +338,8 @@ def _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, b
         for _, t in outcomes:
             for k in totals:
                 totals[k] += t[k]
+        if totals["docs"] == 0:
+            raise PreprocessError(if_empty)
         for key in config.json_keys:
             parts = [output_prefix_for(os.path.join(tmp, f"part{i:04d}"), key, config.split_sentences)
                      for i in range(len(groups))]
@@ -372,9 +385,10 @@ def build_parser():
                    help="accepted for Megatron compatibility; progress is a live bar")
     g.add_argument("--chunk-size-mb", type=float, default=8.0, help="input bytes per worker task")
     g.add_argument("--no-progress", action="store_true")
-    return p
+    return add_debug_flag(p)
 
 
+@entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
     splitter = args.sentence_splitter
@@ -389,12 +403,8 @@ def main(argv=None):
         append_eod=args.append_eod, split_sentences=args.split_sentences,
         keep_newlines=args.keep_newlines, sentence_splitter=splitter, id_key=args.id_key,
         threads_per_worker=1 if args.workers > 1 else 0)
-    try:
-        totals = preprocess(args.input, args.output_prefix, config, args.workers, args.partitions,
-                            int(args.chunk_size_mb * (1 << 20)), show_progress=not args.no_progress)
-    except (PreprocessError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    totals = preprocess(args.input, args.output_prefix, config, args.workers, args.partitions,
+                        int(args.chunk_size_mb * (1 << 20)), show_progress=not args.no_progress)
     dt = max(totals["seconds"], 1e-9)
     print(f"encoded {totals['docs']:,} documents, {totals['tokens']:,} tokens in {dt:.1f}s "
           f"({totals['docs'] / dt:,.0f} docs/s, {totals['tokens'] / dt:,.0f} tokens/s); "

@@ -60,8 +60,13 @@ def load_tokenizer(tokenizer_type, vocab_file=None, merge_file=None, tokenizer_m
         for p in (vocab_file, merge_file):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"tokenizer file not found: {p}")
-        vocab, merges = models.BPE.read_file(vocab_file, merge_file)
-        tok = new_bpe_tokenizer(vocab, merges)
+        try:
+            vocab, merges = models.BPE.read_file(vocab_file, merge_file)
+            tok = new_bpe_tokenizer(vocab, merges)
+        except Exception as e:  # noqa: BLE001 - the Rust library raises a bare Exception
+            raise ValueError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a matching GPT-2 BPE "
+                             f"pair ({' '.join(str(e).split())}); give the vocab.json and merges.txt that "
+                             f"train_tokenizer.py wrote together") from None
         if EOD_TOKEN in vocab:
             tok.add_special_tokens([EOD_TOKEN])
         return tok
@@ -74,7 +79,11 @@ def load_tokenizer(tokenizer_type, vocab_file=None, merge_file=None, tokenizer_m
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer.json not found: {path} (only local files are read)")
-        return Tokenizer.from_file(path)
+        try:
+            return Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--tokenizer-model {path}: not a tokenizers JSON file ({' '.join(str(e).split())}); "
+                             f"give the tokenizer.json that train_tokenizer.py wrote") from None
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; "
                      "choose GPT2BPETokenizer or HuggingFaceTokenizer")
 

@@ -7,6 +7,7 @@ import sys
 
 from megatron_biomed.data import sentences, tokenizer
 from megatron_biomed.utils import progress
+from megatron_biomed.errors import add_debug_flag, entry_point
 
 
 def iter_texts(paths, keys, limit_docs=None):
@@ -50,9 +51,10 @@ def build_parser():
     p.add_argument("--no-sentence-splitter", action="store_true")
     p.add_argument("--model-max-length", type=int, default=1024)
     p.add_argument("--no-progress", action="store_true")
-    return p
+    return add_debug_flag(p)
 
 
+@entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
     for path in args.input:
@@ -63,6 +65,9 @@ def main(argv=None):
         print("error: --vocab-size must be at least 257 (256 bytes + <|endoftext|>)", file=sys.stderr)
         return 1
     tmp_dir = args.output_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        print(f"removed {tmp_dir}: left by an interrupted run", file=sys.stderr)
     try:
         texts = iter_texts(args.input, args.json_keys, args.max_documents)
         bar = progress(desc="documents", unit=" docs", disable=args.no_progress)

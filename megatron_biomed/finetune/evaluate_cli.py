@@ -8,6 +8,8 @@ import torch
 
 from megatron_biomed.finetune import tasks as T
 from megatron_biomed.finetune import zero_shot as Z
+from megatron_biomed.errors import add_debug_flag, entry_point
+from megatron_biomed.utils import clean_stale_temps
 
 
 def build_parser():
@@ -31,14 +33,18 @@ def build_parser():
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
-    return p
+    return add_debug_flag(p)
 
 
+@entry_point
 def main(argv=None):
     from megatron_biomed.convert.storage import CheckpointFormatError
     from megatron_biomed.generation import load_for_inference
     from megatron_biomed.utils import atomic_output, progress
     args = build_parser().parse_args(argv)
+    for out in (getattr(args, "output", None), getattr(args, "metrics_file", None)):
+        if out and out != "-":
+            clean_stale_temps(out)
     try:
         examples = T.read_task(args.task, args.data, args.split_file, args.split)
         if args.limit:

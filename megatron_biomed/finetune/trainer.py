@@ -20,6 +20,7 @@ from megatron_biomed.finetune import tasks as T
 from megatron_biomed.finetune import zero_shot as Z
 from megatron_biomed.parallel import parallelize as P
 from megatron_biomed.utils import atomic_output, print0
+from megatron_biomed.errors import add_debug_flag, entry_point
 
 
 def build_parser():
@@ -49,7 +50,7 @@ def build_parser():
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
     p.add_argument("--save", required=True, help="output directory: best/ weights, predictions, metrics.json")
-    return p
+    return add_debug_flag(p)
 
 
 class FineTuner:
@@ -239,6 +240,7 @@ def run(args):
     return result
 
 
+@entry_point
 def main(argv=None):
     import gc
     args = build_parser().parse_args(argv)

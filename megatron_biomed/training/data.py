@@ -58,9 +58,11 @@ def parse_blend(data_path):
 def max_token_id(prefix, cache_dir=None, show_progress=True):
     """Largest token id in `prefix`.bin, scanned once and cached by file size and mtime."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    for ext in (".bin", ".idx"):
-        if not os.path.exists(prefix + ext):
-            raise DataError(f"--data-path {prefix}: {prefix + ext} does not exist")
+    from megatron_biomed.data.indexed import check_dataset
+    try:
+        check_dataset(prefix)
+    except ValueError as e:
+        raise DataError(f"--data-path {prefix}: {e}") from None
     st = os.stat(prefix + ".bin")
     key = hashlib.sha1(f"{os.path.abspath(prefix)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")

@@ -2,6 +2,8 @@
 import contextlib
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 
@@ -17,7 +19,7 @@ def atomic_output(path, mode="wb", **kwargs):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
     os.close(fd)
     try:
         with open(tmp, mode, **kwargs) as f:
@@ -32,6 +34,54 @@ def atomic_output(path, mode="wb", **kwargs):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def temp_prefix(output):
+    """Every temporary file or directory a tool makes for `output` lives beside it and is named
+    `.<output name>.tmp-<random>`, so that the next run into the same output can find it."""
+    return "." + os.path.basename(os.path.normpath(output)) + ".tmp-"
+
+
+def make_temp_dir(output, kind=""):
+    directory = os.path.dirname(os.path.abspath(output))
+    os.makedirs(directory, exist_ok=True)
+    return tempfile.mkdtemp(prefix=temp_prefix(output) + (kind + "-" if kind else ""), dir=directory)
+
+
+def _legacy_temp(name, base):
+    """Temporary names of earlier versions: `.X.<random>.tmp` files, `.X.partitions.<random>` and
+    `.X.<8 random>` directories, `.pubmed_to_jsonl-<random>` directories."""
+    rest = name[len(base) + 2:] if name.startswith("." + base + ".") else None
+    if rest is not None and (re.fullmatch(r"[A-Za-z0-9_]{8}\.tmp", rest) or re.fullmatch(r"[A-Za-z0-9_]{8}", rest)
+                             or re.fullmatch(r"partitions\.[A-Za-z0-9_]{8}", rest)):
+        return True
+    return re.fullmatch(r"\.pubmed_to_jsonl-[A-Za-z0-9_]{8}", name) is not None
+
+
+def clean_stale_temps(output, log=None):
+    """Remove what a killed run left beside `output` (see temp_prefix); one line on stderr each.
+    Returns the paths removed. Call it before writing `output`, never while another run writes it."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    directory = os.path.dirname(os.path.abspath(output))
+    base = os.path.basename(os.path.normpath(output))
+    prefix = temp_prefix(output)
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in sorted(names):
+        if not (name.startswith(prefix) or _legacy_temp(name, base)):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        log(f"removed {path}: left by an interrupted run")
+        removed.append(path)
+    return removed
 
 
 def fsync_dir(path):
