@@ -111,8 +111,9 @@ def entry_point(main):
                 raise
             print("interrupted: nothing was written under the final output name", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-        except Exception as e:  # noqa: BLE001 - the one place where failures become a line
-            if debug_enabled(argv):
+        except BaseException as e:  # noqa: BLE001 - the one place where failures become a line
+            # (torch.distributed.checkpoint's CheckpointException is a BaseException)
+            if debug_enabled(argv) or isinstance(e, GeneratorExit):
                 raise
             return report(e)
     return wrapper

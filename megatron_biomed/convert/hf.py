@@ -36,15 +36,16 @@ def from_hf_config(hf) -> GPTConfig:
     get = hf.get if isinstance(hf, dict) else lambda k, d=None: getattr(hf, k, d)
     if get("model_type", "gpt2") != "gpt2":
         raise CheckpointFormatError(f"model_type {get('model_type')!r} is not supported: only GPT-2-family "
-                                    f"checkpoints (GPT2LMHeadModel, BioMedLM) convert")
+                                    f"checkpoints (GPT2LMHeadModel, BioMedLM) convert; convert it with its own tools")
     act = get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
-        raise CheckpointFormatError(f"activation_function {act!r} is not supported (gelu_new or gelu)")
+        raise CheckpointFormatError(f"activation_function {act!r} is not supported; only gelu_new or gelu convert")
     if not get("scale_attn_weights", True) or get("add_cross_attention", False):
-        raise CheckpointFormatError("scale_attn_weights=False / add_cross_attention=True are not supported")
+        raise CheckpointFormatError("scale_attn_weights=False / add_cross_attention=True are not supported; only plain "
+                                    "GPT-2 attention converts")
     if get("tie_word_embeddings", True) is False:
         raise CheckpointFormatError("tie_word_embeddings=False: the model has a separate output layer, "
-                                    "ours ties it to the embedding")
+                                    "ours ties it to the embedding; only tied GPT-2 models convert")
     n_embd, n_head = get("n_embd"), get("n_head")
     for key in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"):
         if not isinstance(get(key), int) or get(key) <= 0:
@@ -135,11 +136,12 @@ class HFSource:
             with open(path) as f:
                 hf_config = json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointFormatError(f"{path}: cannot read a Hugging Face config ({e})") from None
+            raise CheckpointFormatError(f"{path}: cannot read a Hugging Face config ({e}); the file is truncated "
+                                        f"or not JSON: copy it again") from None
         archs = hf_config.get("architectures") or ["GPT2LMHeadModel"]
         if not set(archs) & {"GPT2LMHeadModel", "GPT2Model"}:
             raise CheckpointFormatError(f"{path}: architectures {archs} are not supported: only GPT2LMHeadModel "
-                                        f"(GPT-2, BioMedLM) checkpoints convert")
+                                        f"(GPT-2, BioMedLM) checkpoints convert; use another converter for it")
         try:
             self.config = from_hf_config(hf_config)
         except CheckpointFormatError as e:
@@ -154,12 +156,12 @@ class HFSource:
             got = self._shape(key)
             if got != hf_shape(name, shape):
                 raise CheckpointFormatError(f"{self._file(key)}: tensor {key} has shape {got}, config.json "
-                                            f"implies {hf_shape(name, shape)}")
+                                            f"implies {hf_shape(name, shape)}; the config and weights do not belong together")
         self.specs = {n: (shape, self._dtype(self._find(n))) for n, (shape, _) in self.specs.items()}
         lm = self._index.get("lm_head.weight")
         if lm is not None and not torch.equal(self._read("lm_head.weight"), self._read(self._find("wte.weight"))):
             raise CheckpointFormatError(f"{directory}: lm_head.weight differs from the embedding (an untied "
-                                        f"output layer); our model ties them")
+                                        f"output layer); our model ties them, so it cannot be converted exactly")
 
     def _weights_index(self):
         d = self.directory
@@ -171,13 +173,14 @@ class HFSource:
                 files = sorted(set(weight_map.values()))
                 missing = [f for f in files if not os.path.isfile(os.path.join(d, f))]
                 if missing:
-                    raise CheckpointFormatError(f"{index_path}: missing shard file(s) {', '.join(missing)}")
+                    raise CheckpointFormatError(f"{index_path}: missing shard file(s) {', '.join(missing)}; copy the whole "
+                                                f"directory")
                 return self._load_files(files, kind)
         for name, kind in (("model.safetensors", "st"), ("pytorch_model.bin", "bin")):
             if os.path.isfile(os.path.join(d, name)):
                 return self._load_files([name], kind)
         raise CheckpointFormatError(f"{d}: no model.safetensors, model.safetensors.index.json or "
-                                    f"pytorch_model.bin")
+                                    f"pytorch_model.bin; is it a Hugging Face model directory?")
 
     def _load_files(self, files, kind):
         index = {}
@@ -195,7 +198,8 @@ class HFSource:
         for key in (hf_name(name), name):  # GPT2Model directories have no "transformer." prefix
             if key in self._index:
                 return key
-        raise CheckpointFormatError(f"{self.directory}: tensor {hf_name(name)} is missing")
+        raise CheckpointFormatError(f"{self.directory}: tensor {hf_name(name)} is missing; an incomplete copy or "
+                                    f"another architecture")
 
     def _file(self, key):
         return self._index[key][0]

@@ -15,6 +15,9 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_biomed.errors import one_line
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from megatron_biomed.checkpoint.metadata import (CheckpointFormatError, SafeFileSystemReader,  # noqa: F401
                                                  read_dcp_metadata, storage_problems)
@@ -31,7 +34,8 @@ class DCPReader:
         self.metadata = read_dcp_metadata(meta_path)
         problems = storage_problems(self.directory, self.metadata)
         if problems:
-            raise CheckpointFormatError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointFormatError(f"{problems[0]}{more}; restore the checkpoint from a copy or use another one")
         self.tensors = {k: m for k, m in self.metadata.state_dict_metadata.items()
                         if isinstance(m, TensorStorageMetadata)}
         self.objects = {k for k, m in self.metadata.state_dict_metadata.items()
@@ -58,9 +62,10 @@ class DCPReader:
                 dcp.load(tensors, storage_reader=SafeFileSystemReader(self.directory), no_dist=True)
         except CheckpointFormatError:
             raise
-        except Exception as e:  # noqa: BLE001 - truncated shard, foreign format
-            raise CheckpointFormatError(f"{self.directory}: cannot read {', '.join(list(tensors)[:3])}: "
-                                        f"{type(e).__name__}: {e}") from None
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - truncated shard, foreign format
+            raise CheckpointFormatError(f"{self.directory}: cannot read {', '.join(list(tensors)[:3])} "
+                                        f"({one_line(e)}); the checkpoint is damaged or not a checkpoint of this "
+                                        f"kind: restore it from a copy") from None
 
 
 class _StreamingSavePlanner(DefaultSavePlanner):

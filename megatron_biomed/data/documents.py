@@ -8,6 +8,7 @@ renamed to the output name only when everything is done.
 """
 import argparse
 import collections
+import errno
 import gzip
 import json
 import multiprocessing
@@ -244,6 +245,9 @@ def _init_worker(filters):
     _FILTERS = filters
 
 
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def process_file(task):
     index, path, shard_path = task
     filters = _FILTERS
@@ -267,6 +271,8 @@ def process_file(task):
         except InputError as e:
             result.errors.append(str(e))
         except OSError as e:
+            if e.errno in _OUTPUT_ERRNOS:  # the output side failed: fatal, not this input's fault
+                raise
             result.errors.append(f"{path}: {e}")
     result.keys = np.asarray(w.keys, dtype=np.int64)
     result.kinds = np.asarray(w.kinds, dtype=np.int8)

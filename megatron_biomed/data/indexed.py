@@ -21,6 +21,7 @@ VERSION = 1
 DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
                np.float64: 6, np.float32: 7, np.uint16: 8}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+_REDO = "; copy it again or rerun tools/preprocess_data.py"
 
 
 def optimal_dtype(vocab_size):
@@ -78,7 +79,8 @@ class IndexedDatasetWriter:
         expected = int(lengths.astype(np.int64).sum()) * np.dtype(dtype).itemsize
         actual = os.path.getsize(prefix + ".bin")
         if actual != expected:
-            raise ValueError(f"{prefix}.bin has {actual} bytes but its .idx describes {expected}")
+            raise ValueError(f"{prefix}.bin: {actual} bytes, but its .idx describes {expected} (truncated or partly "
+                             f"copied); copy it again or rerun tools/preprocess_data.py for it")
         with open(prefix + ".bin", "rb") as f:
             shutil.copyfileobj(f, self._bin, 16 << 20)
         self._lengths.append(lengths)
@@ -88,14 +90,15 @@ class IndexedDatasetWriter:
         if self._ids is not None:
             ids_path = prefix + ".ids"
             if not os.path.exists(ids_path):
-                raise FileNotFoundError(f"{ids_path} missing (needed to merge document ids)")
+                raise FileNotFoundError(f"{ids_path}: missing (needed to merge document ids); rerun tools/preprocess_data.py "
+                                        f"for it, which writes the .ids file")
             with open(ids_path, encoding="utf-8") as f:
                 n = 0
                 for line in f:
                     self._ids.write(line)
                     n += 1
             if n != len(doc_idx) - 1:
-                raise ValueError(f"{ids_path} has {n} ids for {len(doc_idx) - 1} documents")
+                raise ValueError(f"{ids_path}: {n} ids for {len(doc_idx) - 1} documents{_REDO}")
 
     def _add_selected(self, prefix, dtype, lengths, pointers, doc_idx, keep):
         if len(keep) != len(doc_idx) - 1:
@@ -168,20 +171,20 @@ def read_index(path):
     """(dtype, sequence lengths, pointers, document indices) of an .idx file."""
     with open(path, "rb") as f:
         if f.read(9) != MAGIC:
-            raise ValueError(f"{path}: not a Megatron .idx file (bad magic)")
+            raise ValueError(f"{path}: not a Megatron .idx file (bad magic){_REDO}")
         header = f.read(25)
         if len(header) != 25:
-            raise ValueError(f"{path}: truncated .idx file (its header is cut short)")
+            raise ValueError(f"{path}: truncated .idx file (its header is cut short){_REDO}")
         version, code, n_seq, n_doc = struct.unpack("<QBQQ", header)
         if version != VERSION:
-            raise ValueError(f"{path}: unsupported .idx version {version}")
+            raise ValueError(f"{path}: unsupported .idx version {version}{_REDO}")
         if code not in CODE_DTYPES:
-            raise ValueError(f"{path}: unknown dtype code {code} in the .idx header")
+            raise ValueError(f"{path}: unknown dtype code {code} in the .idx header{_REDO}")
         lengths = np.fromfile(f, dtype=np.int32, count=n_seq)
         pointers = np.fromfile(f, dtype=np.int64, count=n_seq)
         doc_idx = np.fromfile(f, dtype=np.int64, count=n_doc)
     if len(lengths) != n_seq or len(doc_idx) != n_doc:
-        raise ValueError(f"{path}: truncated .idx file")
+        raise ValueError(f"{path}: truncated .idx file{_REDO}")
     return CODE_DTYPES[code], lengths, pointers, doc_idx
 
 
@@ -210,7 +213,7 @@ def find_prefixes(directory):
     stems = {n[:-4] for n in names if n.endswith(".idx")}
     missing = sorted(s for s in stems if s + ".bin" not in names)
     if missing:
-        raise FileNotFoundError(f"{directory}: .idx without .bin for: {', '.join(missing)}")
+        raise FileNotFoundError(f"{directory}: .idx without .bin for: {', '.join(missing)}; copy the .bin files too")
     return [os.path.join(directory, s) for s in sorted(stems)]
 
 

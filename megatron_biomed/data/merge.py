@@ -27,11 +27,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if not os.path.isdir(args.input):
-            raise FileNotFoundError(f"--input {args.input} is not a directory")
+            raise FileNotFoundError(f"--input {args.input}: not a directory; give the directory holding the .bin/.idx files")
         prefixes = [p for p in indexed.find_prefixes(args.input)
                     if os.path.abspath(p) != os.path.abspath(args.output_prefix)]
         if not prefixes:
-            raise FileNotFoundError(f"no .bin/.idx datasets in {args.input}")
+            raise FileNotFoundError(f"--input {args.input}: no .bin/.idx datasets there; check the path")
         for out in (args.output_prefix, *indexed.dataset_paths(args.output_prefix)):
             clean_stale_temps(out)
         w = indexed.merge_datasets(prefixes, args.output_prefix, drop_superseded=args.drop_superseded)

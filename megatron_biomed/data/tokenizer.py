@@ -4,8 +4,10 @@ Defaults follow BioMedLM: vocabulary 28,896, min frequency 2, no prefix space, a
 `<|endoftext|>` as the last id. The files written load in `transformers.GPT2TokenizerFast`
 (tokenizer.json) and in the slow GPT-2 / Megatron GPT2BPETokenizer (vocab.json + merges.txt).
 """
+import contextlib
 import json
 import os
+import re
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -31,11 +33,26 @@ def train_bpe(texts, vocab_size=28896, min_frequency=2, show_progress=True, leng
     return tok
 
 
+@contextlib.contextmanager
+def _rust_os_errors(path):
+    """The Rust library reports I/O failures as a bare Exception('... (os error 28)'): make them
+    OSErrors naming `path`, so they get the same one-line message as Python's own."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), path) from None
+
+
 def save_tokenizer(tok, out_dir, model_max_length=1024):
     """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
     os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    tok.model.save(out_dir)  # vocab.json + merges.txt (the model vocab, without added tokens)
+    with _rust_os_errors(out_dir):
+        tok.save(os.path.join(out_dir, "tokenizer.json"))
+        tok.model.save(out_dir)  # vocab.json + merges.txt (the model vocab, without added tokens)
     vocab_path = os.path.join(out_dir, "vocab.json")
     with open(vocab_path, encoding="utf-8") as f:
         vocab = json.load(f)

@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_biomed.checkpoint import layout as L
@@ -148,7 +149,7 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
         dcp.save(sd, checkpoint_id=tmp)
         # each rank checksums the shards it wrote (still in its page cache)
         entries = {n: MF.file_entry(tmp, n) for n in os.listdir(tmp) if n.startswith(f"__{rank}_")}
-    except Exception as e:  # noqa: BLE001 - disk full, read-only, ...: reported by every rank
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - disk full, read-only, ...: reported by every rank
         error = e
     gathered = [None] * world
     dist.all_gather_object(gathered, (one_line(error) if error is not None else None, entries))
@@ -162,7 +163,7 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
             if kill_hook is not None:
                 kill_hook(iteration)
             _publish(root, iteration, tmp, final, old, gathered, config, consumed_samples, layout)
-        except Exception as e:  # noqa: BLE001
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
             error = e
             shutil.rmtree(tmp, ignore_errors=True)
             if os.path.isdir(old) and not os.path.exists(final):
@@ -319,7 +320,7 @@ def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True,
     error = None
     try:
         dcp.load(sd, storage_reader=SafeFileSystemReader(d))
-    except Exception as e:  # noqa: BLE001 - a damaged file that no manifest could catch
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged file that no manifest could catch
         error = e
     try:
         _agree(error)
