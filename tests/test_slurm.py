@@ -187,3 +187,46 @@ def test_finetune_grid_array_job(slurm, trained_tokenizer, tmp_path):
     for lr in ("1e-3", "3e-3"):
         metrics = json.loads((tmp_path / "runs" / "medmcqa" / f"lr{lr}_ep1" / "metrics.json").read_text())
         assert metrics["best_epoch"] == 1 and metrics["valid"]["n"] == 16
+
+
+def test_pretrain_script_stops_requeueing_when_runs_make_no_progress(tmp_path):
+    """The script's requeue logic, run with stand-ins for srun/scontrol (no cluster needed): runs
+    that keep failing without a newer checkpoint stop after MAX_STALLED_RESTARTS, with a message
+    naming the log; a run that saves a newer checkpoint resets the count and requeues."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then echo localhost; else '
+                                      f'echo "$*" >> {tmp_path}/scontrol.log; fi\n')
+    ckpt = tmp_path / "runs" / "biomedlm" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("25\n")
+    trainer = tmp_path / "trainer.sh"  # stands in for python -m megatron_biomed.pretrain_gpt
+    trainer.write_text(f'#!/bin/bash\nif [ -f {tmp_path}/progress ]; then echo 30 > {ckpt}/latest_checkpointed_'
+                       'iteration.txt; exit 75; fi\necho "error: the same crash at iteration 27"; exit 1\n')
+    for f in (bin_dir / "srun", bin_dir / "scontrol", trainer):
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(trainer), DATA_PATH="d",
+               VOCAB_FILE="v", GPUS_PER_NODE="0", OUTPUT_ROOT=str(tmp_path / "runs"), SLURM_JOB_ID="77",
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_NAME="biomedlm-pretrain", MAX_STALLED_RESTARTS="3")
+
+    def run():
+        return subprocess.run(["bash", PRETRAIN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    for attempt in (1, 2):
+        r = run()
+        assert r.returncode == 1 and "not requeueing" not in r.stdout, r.stdout + r.stderr
+        assert (ckpt / "stalled_restarts.txt").read_text().split() == ["25", str(attempt)]
+    r = run()
+    assert r.returncode == 1
+    assert ("not requeueing: 3 runs in a row ended without a checkpoint newer than iteration 25. Look at the end "
+            "of logs/biomedlm-pretrain-77.out") in r.stdout
+    r = run()  # a requeue by Slurm itself (node failure) is refused at the start too
+    assert r.returncode == 1 and "not requeueing: 3 runs in a row" in r.stdout
+    assert "error: the same crash" not in r.stdout  # the trainer did not even start
+    (ckpt / "stalled_restarts.txt").unlink()
+    (tmp_path / "progress").write_text("")
+    r = run()
+    assert r.returncode == 0 and "requeueing job 77" in r.stdout, r.stdout + r.stderr
+    assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 77"
+    assert not (ckpt / "stalled_restarts.txt").exists()
