@@ -24,7 +24,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -147,10 +146,9 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
     t0 = time.time()
     entries = {}
     try:
-        writer = FileSystemWriter(tmp)
-        writer.fs = MF.HashingFileSystem()  # each rank checksums its shards as it writes them
-        dcp.save(sd, storage_writer=writer)
-        entries = {n: e for n, e in writer.fs.entries.items() if n.endswith(".distcp")}
+        dcp.save(sd, checkpoint_id=tmp)
+        # each rank checksums the shards it wrote (still in its page cache)
+        entries = {n: MF.file_entry(tmp, n) for n in os.listdir(tmp) if n.startswith(f"__{rank}_")}
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - disk full, read-only, ...: reported by every rank
         error = e
     gathered = [None] * world
