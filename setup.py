@@ -23,6 +23,7 @@ setup(
         "lxml>=4.9",
         "tqdm",
         "pyyaml",
+        "xxhash>=3",  # checkpoint manifest checksums (XXH3-128)
     ],
     extras_require={
         "train": ["tensorboard"],

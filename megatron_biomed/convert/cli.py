@@ -149,7 +149,10 @@ def convert(args):
         check_layout(source.config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
         total += sum(S.tensor_bytes(s, d) for s, d in getattr(source, "extra_specs", {}).values())
     tmp = save + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion
+    for leftover in (tmp, save + ".old"):  # left by a killed conversion
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+            print(f"removed {leftover}: left by an interrupted run", file=sys.stderr)
     os.makedirs(tmp)
     t0 = time.time()
     bar = _Progress(total)

@@ -200,6 +200,13 @@ def run(args):
             f"{ft.num_choices} choices): {args.epochs} epochs x {steps_per_epoch} steps, warmup {warmup}, "
             f"world {dist.get_world_size()} (tp {args.tensor_model_parallel_size}, dp {ft.dp})")
     os.makedirs(args.save, exist_ok=True)
+    if dist.get_rank() == 0:
+        for leftover in ("best.tmp", "best.old"):  # a killed run's; this run writes best/ anew
+            path = os.path.join(args.save, leftover)
+            if os.path.exists(path):
+                shutil.rmtree(path, ignore_errors=True)
+                print0(f"removed {path}: left by an interrupted run")
+    dist.barrier()
     m = Z.metrics(valid, ft.predict(valid, enc_valid))
     history = [{"epoch": 0, "valid": m}]
     print0(f" before fine-tuning | dev accuracy {m['accuracy']:.4f}")
@@ -214,15 +221,19 @@ def run(args):
                 f"dev accuracy {m['accuracy']:.4f}" + (f" | dev macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""))
         if best is None or m["accuracy"] > best["valid"]["accuracy"]:
             best = {"epoch": epoch, "valid": m}
-            tmp = os.path.join(args.save, "best.tmp")
+            final = os.path.join(args.save, "best")
+            tmp, old = final + ".tmp", final + ".old"
             if dist.get_rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             dist.barrier()
             dcp.save(ft.state(), checkpoint_id=tmp)
             dist.barrier()
-            if dist.get_rank() == 0:
-                shutil.rmtree(os.path.join(args.save, "best"), ignore_errors=True)
-                os.replace(tmp, os.path.join(args.save, "best"))
+            if dist.get_rank() == 0:  # never a moment without a complete best/ (or best.old)
+                shutil.rmtree(old, ignore_errors=True)
+                if os.path.exists(final):
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
                 _write(os.path.join(args.save, "valid_predictions.jsonl"),
                        "".join(json.dumps(p) + "\n" for p in preds))
     result = {"task": args.task, "best_epoch": best["epoch"], "valid": best["valid"], "history": history}
