@@ -21,7 +21,7 @@ from test_pretrain import base_args, checkpoint_tensors, finish, launch, scalars
 
 from megatron_biomed.training.checkpoint import KILL_POINTS
 
-ITERS, SAVE_EVERY = 9, 3
+ITERS, SAVE_EVERY, KEEP = 9, 3, 2
 TRIALS = int(os.environ.get("MEGATRON_BIOMED_KILL_TRIALS", "10"))
 SEED = int(os.environ.get("MEGATRON_BIOMED_KILL_SEED", "20261125"))
 
@@ -29,7 +29,7 @@ SEED = int(os.environ.get("MEGATRON_BIOMED_KILL_SEED", "20261125"))
 def _args(dataset, run_dir, tb_name):
     return base_args(dataset, run_dir, iters=ITERS, save=run_dir / "ckpt", load=run_dir / "ckpt",
                      **{"save-interval": SAVE_EVERY, "hidden-dropout": 0.1, "attention-dropout": 0.1,
-                        "tensorboard-dir": run_dir / tb_name})
+                        "tensorboard-dir": run_dir / tb_name, "keep-last-checkpoints": KEEP})
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,10 @@ def _reachable(ckpt, point, iteration):
     if latest.exists() and int(latest.read_text()) >= iteration:
         return False
     existing = (ckpt / f"iter_{iteration:07d}").exists() or (ckpt / f"iter_{iteration:07d}.old").exists()
+    if point == "pruning":  # something older than the newest KEEP to delete after this save
+        saved = {int(p.name[5:12]) for p in ckpt.glob("iter_*") if p.name[5:].split(".")[0].isdigit()
+                 and not p.name.endswith((".tmp", ".pruned"))} | {iteration}
+        return len(saved) > KEEP
     return point != "moved_aside" or existing
 
 
@@ -117,11 +121,12 @@ def test_kill_at_random_moments_resumes_bit_identical(dataset, reference, tmp_pa
             assert torch.equal(final[key], reference["final"][key]), f"trial {t} {kind} {kills}: {key} differs"
         ckpt = run / "ckpt"
         assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
-        leftovers = glob.glob(str(ckpt / "*.tmp")) + glob.glob(str(ckpt / "*.old")) + glob.glob(str(ckpt / ".*.tmp"))
-        if leftovers:  # a kill after the last save's latest was written leaves an .old: a rerun cleans it
-            train(1, _args(dataset, run, "tb-clean"))
-            leftovers = glob.glob(str(ckpt / "*.tmp")) + glob.glob(str(ckpt / "*.old"))
+        # the rerun's start repaired what the kills left and finished any deletion they cut short
+        leftovers = glob.glob(str(ckpt / "*.tmp")) + glob.glob(str(ckpt / "*.old")) + \
+            glob.glob(str(ckpt / "*.pruned")) + glob.glob(str(ckpt / ".*.tmp"))
         assert not leftovers, leftovers
+        kept = sorted(p.name for p in ckpt.glob("iter_*") if not p.name.endswith(".pt"))  # .pt: read above
+        assert kept == [f"iter_{i:07d}" for i in (ITERS - SAVE_EVERY, ITERS)], kept  # --keep-last-checkpoints 2
         survived.append((kind, kills))
         shutil.rmtree(run)
     print(f"\nkill trials survived: {len(survived)}/{len(plans)} ({kills_made} kill -9s)")
@@ -181,8 +186,30 @@ def test_nan_after_loading_a_bad_checkpoint_does_not_call_it_good(dataset, tmp_p
         f.seek(pos + 2)
         f.write(bytes([raw[pos + 2] | 0x80, 0x7f]))  # little-endian fp32: exponent all ones, inf/nan
     out = train(1, base_args(dataset, tmp_path, iters=9, save=ckpt, load=ckpt, **{"save-interval": 3}), expect=1)
-    assert f"has no manifest.json (saved by an older version)" in out
+    assert "has no manifest.json (saved by an older version)" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("error: loss is nan at iteration 7") or last.startswith("error: gradient norm"), last
     assert "the last good checkpoint is" not in last
     assert f"started from {d}, which may itself be bad; to go back further pass --load {ckpt}/iter_0000003" in last
+
+
+def test_keep_last_checkpoints_prunes_only_after_a_newer_save(dataset, tmp_path):
+    """--keep-last-checkpoints 2 --keep-every 4 over saves at 1..9: 4, 8 and the newest two
+    stay; a kill in the middle of a deletion is finished by the next start; the checkpoint the
+    latest file names is kept even when it is not among the newest (a run killed after saving
+    a newer one it never recorded)."""
+    ckpt = tmp_path / "ckpt"
+    args = base_args(dataset, tmp_path, iters=9, save=ckpt, load=ckpt,
+                     **{"save-interval": 1, "keep-last-checkpoints": 2, "keep-every": 4})
+    codes, outs = finish(launch(1, args, env={"MEGATRON_BIOMED_TEST_KILL_AT": "pruning@7"}))
+    assert codes == [-signal.SIGKILL], outs[0][-3000:]
+    names = sorted(p.name for p in ckpt.glob("iter_*"))
+    assert names == ["iter_0000004", "iter_0000005.pruned", "iter_0000006", "iter_0000007"], names
+    out = train(1, args)
+    assert f"removed {ckpt}/iter_0000005.pruned" in out
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000004", "iter_0000008", "iter_0000009"]
+    assert "deleted checkpoint(s) 7 (--keep-last-checkpoints 2, --keep-every 4)" in out
+
+    from megatron_biomed.checkpoint.layout import prunable
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4\n")
+    assert prunable(str(ckpt), keep_last=1) == [8]  # 4 is the latest, 9 the newest

@@ -20,7 +20,7 @@ from megatron_biomed.utils import atomic_output, fsync_dir
 LATEST = "latest_checkpointed_iteration.txt"
 CONFIG = "config.json"
 _ITER = re.compile(r"^iter_(\d{7,})$")
-_STALE = re.compile(r"^iter_(\d{7,})\.(tmp|old)$")
+_STALE = re.compile(r"^iter_(\d{7,})\.(tmp|old|pruned)$")
 
 
 class LayoutError(ValueError):
@@ -76,6 +76,33 @@ def complete_iterations(root):
     return sorted(out, reverse=True)
 
 
+def prunable(root, keep_last, keep_every=None):
+    """Complete checkpoints that --keep-last-checkpoints/--keep-every let go, oldest first: not
+    the newest `keep_last`, not a multiple of `keep_every`, never the one the latest file names."""
+    latest = read_latest(root)
+    iterations = complete_iterations(root)  # newest first
+    keep = set(iterations[:keep_last]) | {latest}
+    return sorted(i for i in iterations if i not in keep and not (keep_every and i % keep_every == 0))
+
+
+def prune(root, keep_last, keep_every=None, log=print, hook=None):
+    """Delete what `prunable` names. Each is renamed to iter_N.pruned first (atomic), so a kill
+    never leaves a half-deleted iter_N that looks like a checkpoint; clean_stale finishes it."""
+    removed = []
+    for iteration in prunable(root, keep_last, keep_every):
+        d = iteration_dir(root, iteration)
+        os.replace(d, d + ".pruned")
+        if hook is not None:
+            hook(iteration)
+        shutil.rmtree(d + ".pruned", ignore_errors=True)
+        removed.append(iteration)
+    if removed:
+        fsync_dir(root)
+        log(f"deleted checkpoint(s) {', '.join(map(str, removed))} (--keep-last-checkpoints {keep_last}"
+            + (f", --keep-every {keep_every})" if keep_every else ")"))
+    return removed
+
+
 def clean_stale(root, log=print):
     """Repair what killed saves left in `root` (see the module docstring); one log line each.
     Only the process that saves (rank 0) may call this, before it saves."""
@@ -89,6 +116,9 @@ def clean_stale(root, log=print):
         if m and m.group(2) == "tmp":
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed {path}: left by a save that was interrupted before it completed")
+        elif m and m.group(2) == "pruned":
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}: a checkpoint whose deletion (--keep-last-checkpoints) was interrupted")
         elif m and m.group(2) == "old":
             final = os.path.join(root, f"iter_{m.group(1)}")
             if os.path.exists(final):

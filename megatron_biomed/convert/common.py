@@ -8,7 +8,7 @@ optimizer and training state.
 """
 import torch
 
-from megatron_biomed.config import GPTConfig, config_from_dict  # noqa: F401 - re-exported
+from megatron_biomed.config import GPTConfig
 
 
 def expected_specs(cfg: GPTConfig, dtype=torch.float32):

@@ -5,12 +5,12 @@ import os
 
 import torch
 
-from megatron_biomed.config import LayoutError, ParallelConfig
-from megatron_biomed.convert import storage as S
-from megatron_biomed.convert.common import config_from_dict, expected_specs
-from megatron_biomed.convert.storage import CheckpointFormatError
 from megatron_biomed.checkpoint import manifest as MF
 from megatron_biomed.checkpoint.layout import CONFIG, LATEST, iteration_dir
+from megatron_biomed.config import LayoutError, ParallelConfig, config_from_dict
+from megatron_biomed.convert import storage as S
+from megatron_biomed.convert.common import expected_specs
+from megatron_biomed.convert.storage import CheckpointFormatError
 
 TOKENIZER_DIR = "tokenizer"  # tokenizer files kept beside an imported checkpoint
 _OPTIM_STATES = ("exp_avg", "exp_avg_sq", "step")

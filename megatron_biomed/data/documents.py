@@ -17,7 +17,6 @@ import re
 import shutil
 import sys
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import struct
-import tempfile
 
 import numpy as np
 

@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 

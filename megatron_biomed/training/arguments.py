@@ -55,6 +55,11 @@ def add_training_args(parser):
     g.add_argument("--no-verify-checkpoint", action="store_true",
                    help="load without checking the files against the checkpoint's manifest.json checksums")
     g.add_argument("--save-interval", type=int, default=None, help="save every this many iterations")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="N",
+                   help="after each save, delete older checkpoints but the newest N (default: keep all); the "
+                        "one latest_checkpointed_iteration.txt names is never deleted")
+    g.add_argument("--keep-every", type=int, default=None, metavar="M",
+                   help="with --keep-last-checkpoints: also keep every checkpoint whose iteration is a multiple of M")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model's shape (layers, hidden, heads, vocabulary, ...) from the --load "
                         "checkpoint, e.g. one converted from Hugging Face")
@@ -148,6 +153,10 @@ def finish(args):
         args.lr_decay_iters = args.train_iters
     if args.save_interval is not None and args.save_interval < 1:
         raise ConfigError("--save-interval must be >= 1")
+    if args.keep_last_checkpoints is not None and args.keep_last_checkpoints < 1:
+        raise ConfigError("--keep-last-checkpoints must be >= 1 (leave it out to keep every checkpoint)")
+    if args.keep_every is not None and (args.keep_every < 1 or args.keep_last_checkpoints is None):
+        raise ConfigError("--keep-every needs --keep-last-checkpoints and must be >= 1")
     if args.log_interval < 1 or args.eval_interval < 1:
         raise ConfigError("--log-interval and --eval-interval must be >= 1")
     if args.load and not os.path.isdir(args.load) and args.load != args.save:

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_biomed.checkpoint import layout as L
 from megatron_biomed.checkpoint import manifest as MF
-from megatron_biomed.checkpoint.layout import LATEST, iteration_dir  # noqa: F401 - re-exported
+from megatron_biomed.checkpoint.layout import iteration_dir
 from megatron_biomed.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata, storage_problems
 from megatron_biomed.errors import UserError, one_line
 from megatron_biomed.training.optimizer import init_optimizer_state
@@ -42,7 +42,7 @@ class CheckpointError(UserError, RuntimeError):
 
 # Fault injection for the crash-safety tests: MEGATRON_BIOMED_TEST_KILL_AT=<point>@<iteration>
 # makes rank 0 kill itself with SIGKILL at that point of that iteration's save.
-KILL_POINTS = ("shards_written", "manifest_written", "moved_aside", "renamed", "latest_written")
+KILL_POINTS = ("shards_written", "manifest_written", "moved_aside", "renamed", "latest_written", "pruning")
 
 
 def _kill_point(point, iteration):
@@ -125,7 +125,8 @@ def saved_model_config(path):
                               f"or not ours") from None
 
 
-def save(root, iteration, model, optimizer, scaler, config, consumed_samples, layout, kill_hook=None):
+def save(root, iteration, model, optimizer, scaler, config, consumed_samples, layout, kill_hook=None,
+         keep_last=None, keep_every=None):
     """Collective: every rank calls it. On failure every rank raises CheckpointError, nothing is
     left under iter_N (unless it existed before, untouched) and the latest is unchanged."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -163,6 +164,12 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
             if kill_hook is not None:
                 kill_hook(iteration)
             _publish(root, iteration, tmp, final, old, gathered, config, consumed_samples, layout)
+            if keep_last:  # only now that the new checkpoint is complete and recorded
+                try:
+                    L.prune(root, keep_last, keep_every, log=lambda m: print(m, flush=True),
+                            hook=lambda _: _kill_point("pruning", iteration))
+                except OSError as e:  # the save itself succeeded: say so, and go on
+                    print(f"warning: {one_line(e)} (deleting old checkpoints; they are kept)", flush=True)
         except (Exception, CheckpointException) as e:  # noqa: BLE001
             error = e
             shutil.rmtree(tmp, ignore_errors=True)
@@ -206,13 +213,16 @@ def _publish(root, iteration, tmp, final, old, gathered, config, consumed_sample
     shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_stale(root):
-    """Collective: rank 0 repairs what killed saves left in `root` before anyone reads it."""
+def clean_stale(root, keep_last=None, keep_every=None):
+    """Collective: rank 0 repairs what killed saves left in `root` before anyone reads it, and
+    finishes a --keep-last-checkpoints deletion a kill cut short."""
     error = None
     if dist.get_rank() == 0 and os.path.isdir(root):
         try:
             L.clean_stale(root, log=lambda m: print(m, flush=True))
-        except OSError as e:
+            if keep_last and L.read_latest(root) is not None:
+                L.prune(root, keep_last, keep_every, log=lambda m: print(m, flush=True))
+        except (OSError, L.LayoutError) as e:
             error = e
     _agree(error)
 

@@ -7,7 +7,6 @@ bad data), 2 a bad setting.
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
@@ -97,7 +96,7 @@ class Trainer:
         # the newest this run saved after steps with a finite loss, which a NaN message may name.
         self.iteration, self.last_saved, self.last_good, self.loaded_from = 0, None, None, None
         if args.save:
-            C.clean_stale(args.save)
+            C.clean_stale(args.save, args.keep_last_checkpoints, args.keep_every)
         self._load()
         eod = args.eod_id if args.eod_id is not None else self.model_config.vocab_size - 1
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
@@ -147,7 +146,8 @@ class Trainer:
         a = self.args
         print0(f"saving checkpoint at iteration {self.iteration} to {a.save}")
         seconds = C.save(a.save, self.iteration, self.model, self.optimizer, self.scaler, _plain(self.config),
-                         self.iteration * self.gbs, self.layout, kill_hook=_test_pause_hook())
+                         self.iteration * self.gbs, self.layout, kill_hook=_test_pause_hook(),
+                         keep_last=a.keep_last_checkpoints, keep_every=a.keep_every)
         print0(f"  saved {C.iteration_dir(a.save, self.iteration)} in {seconds:.1f} s")
         self.last_saved = self.last_good = self.iteration
 
