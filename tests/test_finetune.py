@@ -116,3 +116,44 @@ def test_classification_task_in_bf16(trained_tokenizer, tmp_path):
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert "classification, 2 choices" in out
     assert set(metrics["valid"]) >= {"accuracy", "macro_f1"} and len(metrics["history"]) == 3
+
+
+@pytest.mark.slow
+def test_finetunes_checkpoints_in_layouts_whose_padding_differs(task_files, trained_tokenizer, tmp_path):
+    """A model with a 1100-token vocabulary pads its embedding to 1152 rows in one process, 1280
+    under TP=2 and 1536 under TP=4: fine-tuning resizes it as pretraining's --load does. From a
+    Hugging Face directory under TP=2 and from our checkpoint under TP=4, the losses and dev
+    probabilities equal one process's; a --max-length above the model's positions is clamped
+    with a note."""
+    import subprocess
+    import sys
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megatron_biomed.config import GPTConfig
+    assert [GPTConfig(vocab_size=1100).padded_vocab_size(tp) for tp in (1, 2, 4)] == [1152, 1280, 1536]
+    import torch
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(vocab_size=1100, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                               bos_token_id=999, eos_token_id=999)).save_pretrained(hf)
+    ours = tmp_path / "ours"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--load", str(hf),
+                        "--save", str(ours), "--target-format", "megatron_biomed", "--no-tokenizer"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    small = (task_files[2], task_files[1])
+
+    def run(nproc, load, name, *layout):
+        out = launch_finetune(nproc, base(small, trained_tokenizer, tmp_path / name, epochs=1, lr=3e-4,
+                                          load=load, **{"max-length": 512}) + list(layout))
+        history = json.loads((tmp_path / name / "metrics.json").read_text())["history"][1:]
+        probs = [json.loads(x)["probs"] for x in (tmp_path / name / "valid_predictions.jsonl").read_text().splitlines()]
+        return out, [h["train_loss"] for h in history], probs
+
+    out, loss1, probs1 = run(1, hf, "one")
+    assert "note: --max-length 512 is more than the model's 64 positions: using 64" in out
+    for nproc, load, name in ((2, hf, "hf_tp2"), (4, ours, "ours_tp4")):
+        _, loss, probs = run(nproc, load, name, "--tensor-model-parallel-size", str(nproc))
+        assert loss == pytest.approx(loss1, abs=1e-5), name
+        assert max(abs(x - y) for pa, pb in zip(probs, probs1) for x, y in zip(pa, pb)) < 1e-5, name

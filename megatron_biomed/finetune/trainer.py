@@ -53,6 +53,18 @@ def build_parser():
     return add_debug_flag(p)
 
 
+def _fit_vocab_rows(weights, rows, vocab_size):
+    """The embedding (and the tied output layer) padded for this TP size, as pretraining's --load
+    does: the real vocabulary's rows kept, padding rows zero (the model masks them out)."""
+    out = dict(weights)
+    for key in ("wte.weight", "lm_head.weight"):
+        w = out.get(key)
+        if w is not None and w.shape[0] != rows:
+            real = w[:vocab_size]
+            out[key] = torch.cat([real, real.new_zeros(rows - real.shape[0], *real.shape[1:])])
+    return out
+
+
 class FineTuner:
     def __init__(self, args, examples_train, tok, cfg, weights=None, device=torch.device("cpu")):
         from megatron_biomed.parallel.mesh import build_mesh
@@ -72,10 +84,13 @@ class FineTuner:
         first = examples_train[0]
         self.multiple_choice = first.is_multiple_choice
         self.num_choices = first.num_choices
-        torch.manual_seed(args.seed)  # the same initial head on every rank
+        torch.manual_seed(args.seed)
         gpt = GPT(cfg, tensor_parallel_size=tp)
         if weights is not None:
-            gpt.load_state_dict(weights)
+            gpt.load_state_dict(_fit_vocab_rows(weights, gpt.wte.weight.shape[0], cfg.vocab_size))
+        # the same initial head on every rank and in every layout (the GPT's own initialization
+        # above draws a TP-dependent number of values: its embedding is padded for TP)
+        torch.manual_seed(args.seed)
         model = C.GPTClassifier(gpt, 1 if self.multiple_choice else self.num_choices).to(device)
         if tp > 1:
             from megatron_biomed.parallel.tensor_parallel import _replicate, apply_tensor_parallel
@@ -188,6 +203,8 @@ def run(args):
     overrides = {k: getattr(args, k) for k in ("hidden_dropout", "attention_dropout") if getattr(args, k) is not None}
     cfg = cfg.replace(**overrides)
     if args.max_length > cfg.seq_length:
+        print0(f"note: --max-length {args.max_length} is more than the model's {cfg.seq_length} positions: "
+               f"using {cfg.seq_length}")
         args.max_length = cfg.seq_length
     ft = FineTuner(args, train, tok, cfg, weights, device)
     enc_train, enc_valid = ft._encode(train), ft._encode(valid)
