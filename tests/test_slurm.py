@@ -19,7 +19,7 @@ CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
 PRETRAIN = os.path.join(ROOT, "slurm", "pretrain_biomedlm.sbatch")
 SCRIPTS = [os.path.join(ROOT, "slurm", f) for f in ("pretrain_biomedlm.sbatch", "convert_checkpoint.sbatch",
                                                      "preprocess_pubmed.sbatch", "finetune.sbatch")] + [
-    CLUSTER, os.path.join(ROOT, "examples", "finetune_medmcqa.sh"), os.path.join(ROOT, "examples", "demo.sh")]
+    os.path.join(ROOT, "slurm", "check_request.sh"), CLUSTER, os.path.join(ROOT, "examples", "finetune_medmcqa.sh"), os.path.join(ROOT, "examples", "demo.sh")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
@@ -27,7 +27,7 @@ def test_scripts_pass_bash_n_and_shellcheck(script):
     subprocess.run(["bash", "-n", script], check=True)
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    r = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    r = subprocess.run(["shellcheck", "-x", script], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout
 
 
@@ -145,7 +145,7 @@ def test_preprocess_array_job_and_merge_equal_local_run(slurm, trained_tokenizer
     make_inputs(tmp_path / "xml")
     env = dict(slurm, INPUT_DIR=str(tmp_path / "xml"), OUTPUT_DIR=str(tmp_path / "out"),
                TOKENIZER_DIR=str(trained_tokenizer), PYTHON=sys.executable, WORKERS="1", LANGUAGES="",
-               NUM_SLICES="3", EXTRA_SBATCH_ARGS=f"--cpus-per-task=1 --mem=500M --output={tmp_path}/%x-%A_%a.out")
+               NUM_SLICES="3", CPUS_PER_TASK="1", MEM="500M", EXTRA_SBATCH_ARGS=f"--output={tmp_path}/%x-%A_%a.out")
     r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "preprocess_pubmed.sbatch"), "submit"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -174,7 +174,7 @@ def test_finetune_grid_array_job(slurm, trained_tokenizer, tmp_path):
     env = dict(slurm, LOAD=str(tmp_path / "hf"), TASK="medmcqa", TRAIN_DATA=str(train), VALID_DATA=str(dev),
                LRS="1e-3 3e-3", EPOCHS_LIST="1", TP="1", GPUS_PER_NODE="0", MAX_LENGTH="64",
                GLOBAL_BATCH_SIZE="16", OUTPUT_ROOT=str(tmp_path / "runs"), PYTHON=sys.executable,
-               EXTRA_SBATCH_ARGS=f"--cpus-per-task=1 --output={tmp_path}/%x-%A_%a.out", OMP_NUM_THREADS="1",
+               CPUS_PER_TASK="1", EXTRA_SBATCH_ARGS=f"--output={tmp_path}/%x-%A_%a.out", OMP_NUM_THREADS="1",
                CPU_TASKS_PER_NODE="1")  # one process per grid point, so the two run side by side
     r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "finetune.sbatch"), "submit"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
@@ -230,3 +230,41 @@ def test_pretrain_script_stops_requeueing_when_runs_make_no_progress(tmp_path):
     assert r.returncode == 0 and "requeueing job 77" in r.stdout, r.stdout + r.stderr
     assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 77"
     assert not (ckpt / "stalled_restarts.txt").exists()
+
+
+def test_submit_refuses_a_request_no_node_can_hold(slurm, dataset, tmp_path):  # noqa: F811
+    """On the one-host cluster (2 CPUs, no GPU), each script's `submit` with its GPU-node
+    defaults stops with one line naming the variable to change, and submits nothing."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    common = dict(slurm, PYTHON=sys.executable, OUTPUT_ROOT=str(tmp_path / "runs"))
+    cases = [
+        ("pretrain_biomedlm.sbatch", dict(DATA_PATH=dataset["prefix"], VOCAB_FILE=dataset["vocab"]),
+         "error: GPUS_PER_NODE=8: the nodes of partition debug have at most 0 GPU(s); set GPUS_PER_NODE=0"),
+        ("pretrain_biomedlm.sbatch", dict(DATA_PATH=dataset["prefix"], VOCAB_FILE=dataset["vocab"], GPUS_PER_NODE="0"),
+         "error: CPUS_PER_TASK=8 x 2 task(s) per node needs 16 CPUs"),
+        ("pretrain_biomedlm.sbatch", dict(DATA_PATH=dataset["prefix"], VOCAB_FILE=dataset["vocab"], GPUS_PER_NODE="0",
+                                          CPUS_PER_TASK="1", NODES="4"),
+         "error: NODES=4: partition debug has 1 node(s); set NODES=1 or fewer"),
+        ("preprocess_pubmed.sbatch", dict(INPUT_DIR=str(tmp_path), OUTPUT_DIR=str(tmp_path / "o"),
+                                          TOKENIZER_DIR=str(tok)), "error: CPUS_PER_TASK=16 x 1 task(s)"),
+        ("preprocess_pubmed.sbatch", dict(INPUT_DIR=str(tmp_path), OUTPUT_DIR=str(tmp_path / "o"),
+                                          TOKENIZER_DIR=str(tok), CPUS_PER_TASK="1", MEM="4T"),
+         "error: MEM=4T: the largest node of partition debug has"),
+        ("convert_checkpoint.sbatch", dict(LOAD=str(tmp_path), SAVE=str(tmp_path / "out"), CPUS_PER_TASK="64"),
+         "error: CPUS_PER_TASK=64 x 1 task(s)"),
+        ("finetune.sbatch", dict(LOAD=str(tmp_path), TRAIN_DATA="t", VALID_DATA="v"),
+         "error: GPUS_PER_NODE=8"),
+        ("finetune.sbatch", dict(LOAD=str(tmp_path), TRAIN_DATA="t", VALID_DATA="v", GPUS_PER_NODE="0",
+                                 EXTRA_SBATCH_ARGS="--partition=nosuch"),
+         "error: EXTRA_SBATCH_ARGS: partition nosuch has no nodes"),
+    ]
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True).stdout
+    for script, env, needle in cases:
+        r = subprocess.run(["bash", os.path.join(ROOT, "slurm", script), "submit"], cwd=ROOT,
+                           env=dict(common, **env), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, (script, r.stdout, r.stderr)
+        assert r.stderr.startswith(needle), (script, r.stderr)
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True).stdout
+    assert after == before  # nothing was submitted
