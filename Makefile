@@ -23,7 +23,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	@# tests/test_slurm.py runs a real one-host Slurm cluster: install slurmctld/slurmd/munge if missing
-	@bash tests/slurm/cluster.sh install || echo "Slurm not installable here: tests/test_slurm.py will skip"
+	@bash slurm/local_cluster.sh install || echo "Slurm not installable here: tests/test_slurm.py will skip"
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)

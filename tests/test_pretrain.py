@@ -194,7 +194,7 @@ def test_token_ids_beyond_the_vocabulary_fail_at_start(dataset, tmp_path):
 
 def test_split_without_documents_is_refused(dataset, tmp_path):
     # megatron-core itself would loop forever building an empty split
-    out = train(1, base_args(dataset, tmp_path, split="969,30,1", **{"eval-iters": 2}), expect=1)
+    out = train(1, base_args(dataset, tmp_path, split="969,30,1", **{"eval-iters": 2}), expect=2)  # a bad setting
     assert "error: --split 969,30,1 gives the test split none of the 400 sequences" in out
 
 

@@ -1,6 +1,7 @@
 """Our slurm/ scripts submitted to a real one-host Slurm cluster (slurmctld + slurmd + munge on
-localhost, tests/slurm/cluster.sh), with CPU-sized settings: gloo, the tiny model, 2 tasks."""
+localhost, slurm/local_cluster.sh), with CPU-sized settings: gloo, the tiny model, 2 tasks."""
 import filecmp
+import glob
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from conftest import ROOT, run_tool
 from test_pretrain import scalars
 from test_slurm_preprocess import make_inputs
 
-CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
+CLUSTER = os.path.join(ROOT, "slurm", "local_cluster.sh")
 PRETRAIN = os.path.join(ROOT, "slurm", "pretrain_biomedlm.sbatch")
 SCRIPTS = [os.path.join(ROOT, "slurm", f) for f in ("pretrain_biomedlm.sbatch", "convert_checkpoint.sbatch",
                                                      "preprocess_pubmed.sbatch", "finetune.sbatch")] + [
@@ -38,11 +39,26 @@ def slurm(tmp_path_factory):
         pytest.skip(f"no Slurm cluster possible here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
     d = tmp_path_factory.mktemp("slurm")
-    r = subprocess.run(["bash", CLUSTER, "start", str(d)], capture_output=True, text=True, timeout=120)
+    ports = dict(SLURMCTLD_PORT=str(_free_port()), SLURMD_PORT=str(_free_port()))  # beside any other cluster
+    r = subprocess.run(["bash", CLUSTER, "start", str(d)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, **ports))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert f"export SLURM_CONF={d}/slurm.conf" in r.stdout
     env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"))
+    r = subprocess.run(["bash", CLUSTER, "status", str(d)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "idle" in r.stdout, r.stdout + r.stderr
     yield env
-    subprocess.run(["bash", CLUSTER, "stop", str(d)], capture_output=True, timeout=60)
+    r = subprocess.run(["bash", CLUSTER, "stop", str(d)], capture_output=True, text=True, timeout=60)
+    assert "stopped" in r.stdout
+    r = subprocess.run(["bash", CLUSTER, "status", str(d)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not running" in r.stdout
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def sbatch(env, *args):
@@ -268,3 +284,52 @@ def test_submit_refuses_a_request_no_node_can_hold(slurm, dataset, tmp_path):  #
         assert r.stderr.startswith(needle), (script, r.stderr)
     after = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm, capture_output=True, text=True).stdout
     assert after == before  # nothing was submitted
+
+
+def readme_blocks(path):
+    """The ```bash blocks of a Markdown file, in order."""
+    return re.findall(r"^```bash\n(.*?)^```", open(path, encoding="utf-8").read(), re.S | re.M)
+
+
+@pytest.mark.slow
+def test_slurm_readme_walkthrough_runs_as_written(tmp_path):
+    """Every bash block of slurm/README.md, in order, in one shell: the one-host cluster its own
+    block starts (on free ports, state in tmp), the CPU settings, the bundled sample and the
+    tiny model; after each block, wait until the queue is empty. Then check each step's output,
+    and that the logs are where the README says."""
+    r = subprocess.run(["bash", CLUSTER, "install"], capture_output=True, text=True, timeout=600)
+    if r.returncode == 3:
+        pytest.skip(f"no Slurm cluster possible here: {r.stderr.strip()}")
+    blocks = readme_blocks(os.path.join(ROOT, "slurm", "README.md"))
+    assert len(blocks) >= 9
+    assert blocks[0].startswith("make install")  # run by `make test` already: a no-op here
+    wait = ('_wait_queue() { command -v squeue >/dev/null && [ -n "${SLURM_CONF:-}" ] || return 0\n'
+            '  for _ in $(seq 900); do [ -z "$(squeue -h 2>/dev/null)" ] && return 0; sleep 1; done\n'
+            '  echo "jobs still queued after 900 s" >&2; squeue >&2; return 1; }\n')
+    script = "set -euo pipefail\n" + wait + "".join(
+        f"echo '### block {i}'\n{b}\n_wait_queue\n" for i, b in enumerate(blocks))
+    (tmp_path / "walkthrough.sh").write_text(script)
+    data, runs = tmp_path / "tryout", tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "VIRTUAL_ENV"))}
+    env.update(DATA=str(data), RUNS=str(runs), LOCAL_CLUSTER_DIR=str(tmp_path / "cluster"),
+               SLURMCTLD_PORT=str(_free_port()), SLURMD_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    try:
+        r = subprocess.run(["bash", str(tmp_path / "walkthrough.sh")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=1500)
+    finally:
+        subprocess.run(["bash", CLUSTER, "stop", str(tmp_path / "cluster")], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + "\n--- stderr:\n" + r.stderr[-4000:]
+    assert f"### block {len(blocks) - 1}" in r.stdout
+    assert (data / "tokenizer" / "tokenizer.json").exists()
+    assert (data / "pubmed_megatron" / "pubmed_text_document.bin").stat().st_size > 0
+    ckpt = runs / "biomedlm" / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000040"]  # --keep-last-checkpoints 1
+    job = re.search(r"pretraining is job (\d+)", r.stdout).group(1)
+    assert re.search(r"iteration\s+40/\s+40", open(os.path.join(ROOT, "logs", f"biomedlm-pretrain-{job}.out")).read())
+    assert (data / "release" / "biomedlm-hf" / "config.json").exists()
+    metrics = json.loads((runs / "finetune" / "medmcqa" / "lr1e-3_ep2" / "metrics.json").read_text())
+    assert metrics["best_epoch"] in (1, 2) and 0 <= metrics["valid"]["accuracy"] <= 1
+    assert re.search(r"\| medmcqa \| 64 \| 0 \| [0-9.]+ \|", r.stdout)
+    merges = sorted(glob.glob(os.path.join(ROOT, "logs", "preprocess-pubmed-*.out")), key=os.path.getmtime)
+    assert not [m for m in merges if m.endswith("_4294967294.out")]

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_biomed.parallel.tensor_parallel import IGNORE_INDEX
 from megatron_biomed.utils import atomic_output, progress
 from megatron_biomed.errors import UserError
+from megatron_biomed.training.arguments import ConfigError
 
 
 # megatron-core imports its optimizer package on the way to the datasets; on a machine without
@@ -141,7 +142,8 @@ def build_datasets(args, vocab_size, eod, global_batch_size, seq_length):
         logging.getLogger("megatron.core").setLevel(logging.WARNING)
     for name, ds, size in zip(("train", "valid", "test"), datasets, sizes):
         if size and ds is None:
-            raise DataError(f"--split {args.split} leaves no {name} documents in --data-path {' '.join(args.data_path)}")
+            raise ConfigError(f"--split {args.split} leaves no {name} documents in --data-path "
+                              f"{' '.join(args.data_path)}; give the {name} split a larger share")
     return datasets
 
 
@@ -162,7 +164,7 @@ def _check_splits(prefixes, split_matrix, sizes, split):
                 if not size:
                     unused_empty.add(i)
                     continue
-                raise DataError(f"--split {split} gives the {name} split none of the {n} sequences of {prefix}; "
+                raise ConfigError(f"--split {split} gives the {name} split none of the {n} sequences of {prefix}; "
                                 f"use a larger share for it{' or --eval-iters 0' if name != 'train' else ''}")
     return sorted(unused_empty)
 

@@ -1,14 +1,27 @@
 #!/bin/bash
-# A real one-host Slurm cluster on localhost for the tests (Debian's slurmctld/slurmd/munge).
+# A real one-host Slurm cluster (slurmctld + slurmd + munge on localhost) to try the slurm/
+# scripts on a laptop or workstation before the real cluster; the tests use it too.
 #
-#   cluster.sh install     install the packages when missing (root + apt-get); exit 3 if impossible
-#   cluster.sh start DIR   write DIR/slurm.conf, start munged, slurmctld, slurmd; wait for "idle"
-#   cluster.sh stop DIR    scontrol shutdown, then end the daemons this script started
+#   bash slurm/local_cluster.sh install        install Debian's slurmctld/slurmd/munge when missing
+#                                              (root + apt-get); exit 3 if impossible
+#   bash slurm/local_cluster.sh start [DIR]    write DIR/slurm.conf, start munged, slurmctld and
+#                                              slurmd, wait until the node is idle
+#   bash slurm/local_cluster.sh status [DIR]   is it up; the node's CPUs, memory and state; the jobs
+#   eval "$(bash slurm/local_cluster.sh env [DIR])"   set SLURM_CONF in this shell
+#   bash slurm/local_cluster.sh stop [DIR]     cancel its jobs, shut it down, end its daemons
 #
-# Client commands need SLURM_CONF=DIR/slurm.conf. Everything (state, spool, logs, the munge
-# socket and key) lives under DIR; the ports (16817/16818) are away from Slurm's defaults.
+# DIR (default: $LOCAL_CLUSTER_DIR, else ~/.cache/megatron_biomed/slurm) holds everything: the
+# config, state, spool, logs, the munge socket and key. Client commands (sbatch, squeue, ...)
+# need `export SLURM_CONF=DIR/slurm.conf`, which `start` prints. Ports: SLURMCTLD_PORT (default
+# 16817) and SLURMD_PORT (16818), away from Slurm's own defaults, so it can run beside a real
+# installation; give two other free ports to run a second one. The node has this machine's CPUs
+# and 80% of its available memory, no GPUs: run the scripts with GPUS_PER_NODE=0 (gloo on CPU).
 # cred_expire=10: a requeued job may start again 10 s after it stopped (Slurm's default is 120).
 set -euo pipefail
+
+DEFAULT_DIR=${LOCAL_CLUSTER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron_biomed/slurm}
+SLURMCTLD_PORT=${SLURMCTLD_PORT:-16817}
+SLURMD_PORT=${SLURMD_PORT:-16818}
 
 PACKAGES="slurmctld slurmd slurm-client munge"
 
@@ -37,20 +50,25 @@ install() {
 
 start() {
     local T H cpus mem
+    mkdir -p "$1"
     T=$(realpath "$1")
+    if [ -f "$T/pids" ] && SLURM_CONF="$T/slurm.conf" timeout 5 sinfo -h >/dev/null 2>&1; then
+        echo "already running; export SLURM_CONF=$T/slurm.conf"
+        return 0
+    fi
     mkdir -p "$T/state" "$T/spool"
     H=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
     mem=$(( $(awk '/MemAvailable/ {print $2}' /proc/meminfo) * 8 / 10240 ))
     cat > "$T/slurm.conf" <<CONF
-ClusterName=test
+ClusterName=local
 SlurmctldHost=$H(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket=$T/munge.sock,cred_expire=10
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort=$SLURMCTLD_PORT
+SlurmdPort=$SLURMD_PORT
 StateSaveLocation=$T/state
 SlurmdSpoolDir=$T/spool
 SlurmctldPidFile=$T/slurmctld.pid
@@ -81,7 +99,8 @@ CONF
     echo $! >> "$T/pids"
     for _ in $(seq 300); do
         if [ "$(sinfo -h -o %T 2>/dev/null)" = idle ]; then
-            echo "slurm cluster up: node $H idle ($cpus CPUs, ${mem} MiB); SLURM_CONF=$T/slurm.conf"
+            echo "slurm cluster up: node $H idle ($cpus CPUs, ${mem} MiB, no GPUs), ports $SLURMCTLD_PORT/$SLURMD_PORT"
+            echo "export SLURM_CONF=$T/slurm.conf"
             return 0
         fi
         sleep 0.1
@@ -91,8 +110,22 @@ CONF
     exit 1
 }
 
+status() {
+    local T
+    T=$(realpath "$1" 2>/dev/null || echo "$1")
+    if [ ! -f "$T/slurm.conf" ] || ! SLURM_CONF="$T/slurm.conf" timeout 5 sinfo -h >/dev/null 2>&1; then
+        echo "not running (state directory $T)"
+        return 1
+    fi
+    export SLURM_CONF="$T/slurm.conf"
+    echo "running: export SLURM_CONF=$T/slurm.conf"
+    sinfo -N -o "%N %T %c CPUs %m MiB"
+    squeue
+}
+
 stop() {
     local T pid
+    [ -d "$1" ] || { echo "not running (no $1)"; return 0; }
     T=$(realpath "$1")
     export SLURM_CONF="$T/slurm.conf"
     # end the jobs first: their processes would outlive the daemons (and hold their ports)
@@ -111,11 +144,14 @@ stop() {
         kill -9 "$pid" 2>/dev/null || true
     done < "$T/pids"
     rm -f "$T/pids"
+    echo "stopped"
 }
 
 case "${1:-}" in
 install) install ;;
-start) start "${2:?usage: cluster.sh start DIR}" ;;
-stop) stop "${2:?usage: cluster.sh stop DIR}" ;;
-*) echo "usage: cluster.sh install | start DIR | stop DIR" >&2; exit 2 ;;
+start) install && start "${2:-$DEFAULT_DIR}" ;;
+status) status "${2:-$DEFAULT_DIR}" ;;
+env) mkdir -p "${2:-$DEFAULT_DIR}" && echo "export SLURM_CONF=$(realpath "${2:-$DEFAULT_DIR}")/slurm.conf" ;;
+stop) stop "${2:-$DEFAULT_DIR}" ;;
+*) echo "usage: local_cluster.sh install | start [DIR] | status [DIR] | env [DIR] | stop [DIR]" >&2; exit 2 ;;
 esac
