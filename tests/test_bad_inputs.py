@@ -75,7 +75,7 @@ def tmpfs(path, size="1m", full=False, read_only=False):
 def ckpt(dataset, tmp_path_factory):
     """A pretraining run directory with checkpoints at iterations 2 and 4, and its HF export."""
     d = tmp_path_factory.mktemp("bad_inputs_run")
-    r = run_cli(*base_args(dataset, d, iters=4, save=d / "ckpt", **{"save-interval": 2}),
+    r = run_cli(*base_args(dataset, d, iters=4, save=d / "ckpt", **{"save-interval": 2, "seq-length": 64}),
                 module="megatron_biomed.pretrain_gpt")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = run_tool("convert_checkpoint", "--load", d / "ckpt", "--save", d / "hf", "--target-format", "hf",
@@ -195,6 +195,7 @@ def test_killed_runs_leave_nothing_the_next_run_keeps(tmp_path, trained_tokenize
 
 # -- pretraining --------------------------------------------------------------------------------
 def _pretrain(dataset, tmp_path, **kw):
+    kw.setdefault("seq-length", 64)  # as the checkpoints of the `ckpt` fixture
     return run_cli(*base_args(dataset, tmp_path, iters=kw.pop("iters", 6), **kw), module="megatron_biomed.pretrain_gpt")
 
 
@@ -299,6 +300,8 @@ def test_outputs_on_a_full_or_read_only_disk(ckpt, tmp_path, trained_tokenizer, 
     """Every tool that writes: one line naming the file, nothing under the final name."""
     corpus = tmp_path / "docs.jsonl"
     write_jsonl(corpus, synthetic.pubmed_like_documents(300, seed=2))
+    mc = write_jsonl(tmp_path / "mc.json", synthetic.medmcqa_like(32, 1))
+    tok = ["--vocab-file", trained_tokenizer / "vocab.json", "--merge-file", trained_tokenizer / "merges.txt"]
     cases = [
         ("pubmed_to_jsonl", lambda o: run_tool("pubmed_to_jsonl", SAMPLE, "--output", o / "docs.jsonl",
                                                "--no-progress"), ["docs.jsonl"]),
@@ -316,6 +319,12 @@ def test_outputs_on_a_full_or_read_only_disk(ckpt, tmp_path, trained_tokenizer, 
                                        o / "gen.jsonl", "--vocab-file", trained_tokenizer / "vocab.json",
                                        "--merge-file", trained_tokenizer / "merges.txt", "--max-new-tokens", 4),
          ["gen.jsonl"]),
+        ("evaluate", lambda o: run_cli("evaluate", "--load", ckpt / "hf", "--task", "medmcqa", "--data", mc,
+                                       "--limit", 4, "--output", o / "pred.jsonl", "--metrics-file",
+                                       o / "metrics.json", *tok), ["pred.jsonl", "metrics.json"]),
+        ("finetune", lambda o: run_cli("finetune", "--load", ckpt / "hf", "--task", "medmcqa", "--train-data", mc,
+                                       "--valid-data", mc, "--global-batch-size", 16, "--epochs", 1,
+                                       "--max-length", 64, "--save", o / "ft", *tok), ["ft/metrics.json"]),
     ]
     for mode, needle in (("full", "no space left on the device"), ("read-only", "read-only")):
         for name, command, finals in cases:
@@ -324,6 +333,9 @@ def test_outputs_on_a_full_or_read_only_disk(ckpt, tmp_path, trained_tokenizer, 
                 r = command(mnt)
                 expect_error(f"{name}: {mode} output", r, needle, [mnt / f for f in finals])
                 leftovers = [n for n in os.listdir(mnt) if n != "filler"]
+                if name == "finetune":  # its --save is a run directory, made at the start
+                    leftovers = [n for n in leftovers if n != "ft"] + \
+                        [f"ft/{n}" for n in (os.listdir(mnt / "ft") if (mnt / "ft").is_dir() else [])]
                 assert not leftovers, f"{name}: {mode}: left {leftovers}"
 
 

@@ -243,7 +243,12 @@ def run(args):
             if dist.get_rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             dist.barrier()
-            dcp.save(ft.state(), checkpoint_id=tmp)
+            try:
+                dcp.save(ft.state(), checkpoint_id=tmp)
+            except BaseException:  # disk full, ...: no half-written best.tmp left behind
+                if dist.get_rank() == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
             dist.barrier()
             if dist.get_rank() == 0:  # never a moment without a complete best/ (or best.old)
                 shutil.rmtree(old, ignore_errors=True)
