@@ -26,17 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _stream(path, update):
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            update(view[:n])
-
-
 def hashers():
     import xxhash
     out = {"xxh3_128 (ours)": lambda: xxhash.xxh3_128().update,
@@ -81,7 +70,7 @@ def main():
         gb = os.path.getsize(path) / 1e9
         print(f"| checksum of a {gb:.2f} GB file (page cache) | seconds | GB/s |\n|---|---|---|")
         for name, make in hashers().items():
-            s = best_of(lambda: _stream(path, make()))
+            s = best_of(lambda: MF.stream_file(path, make()))
             print(f"| {name} | {s:.3f} | {gb / s:.1f} |")
 
         n = int(args.size_gb * 1e9 / 4 / 16)

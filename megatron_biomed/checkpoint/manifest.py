@@ -18,8 +18,8 @@ ALGORITHM = "xxh3_128"
 _CHUNK = 8 << 20
 
 
-def hash_file(path):
-    h = xxhash.xxh3_128()
+def stream_file(path, update):
+    """Call `update(chunk)` for each chunk of `path`, read into one reused buffer."""
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
@@ -27,7 +27,12 @@ def hash_file(path):
             n = f.readinto(buf)
             if not n:
                 break
-            h.update(view[:n])
+            update(view[:n])
+
+
+def hash_file(path):
+    h = xxhash.xxh3_128()
+    stream_file(path, h.update)
     return h.hexdigest()
 
 

@@ -305,9 +305,7 @@ def preprocess(inputs, output_prefix, config, workers=1, partitions=1, chunk_byt
 def _run_partitions(chunks, output_prefix, config, workers, partitions, dtype, bar, if_empty):
     groups = split_partitions(chunks, partitions)
     per_partition = max(1, workers // len(groups))
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(directory, exist_ok=True)
-    tmp = make_temp_dir(output_prefix, "partitions")
+    tmp = make_temp_dir(output_prefix, "partitions")  # makes the output directory too
     ctx = multiprocessing.get_context("spawn")
     counter, queue = ctx.Value("q", 0), ctx.Queue()
     procs = []
