@@ -109,11 +109,11 @@ def test_data_tools(tmp_path, trained_tokenizer, dataset):
     out = tmp_path / "out" / "ds"
     r = run_tool("preprocess_data", "--input", empty, "--output-prefix", out, "--tokenizer-type",
                  "HuggingFaceTokenizer", "--tokenizer-model", tok, "--no-progress")
-    expect_error("preprocess: empty input", r, f"{empty}: no documents", [str(out) + "_text_document.bin"])
+    expect_error("preprocess: empty input", r, f"{empty}: no tokens to write", [str(out) + "_text_document.bin"])
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}])
     r = run_tool("preprocess_data", "--input", blank, "--output-prefix", out, "--tokenizer-type",
                  "HuggingFaceTokenizer", "--tokenizer-model", tok, "--no-progress")
-    expect_error("preprocess: only empty documents", r, f"{blank}: no documents", [str(out) + "_text_document.bin"])
+    expect_error("preprocess: only empty documents", r, f"{blank}: no tokens to write (no non-blank line, or every text field is empty)", [str(out) + "_text_document.bin"])
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")], os.listdir(tmp_path / "out")
 
     # vocab.json and merges.txt that do not belong together

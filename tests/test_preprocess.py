@@ -21,14 +21,14 @@ def docs_with_edge_cases(n=400):
     docs = list(synthetic.pubmed_like_documents(n, seed=11))
     docs[3]["text"] = "Unicode: αβγ µg/kg, “quotes”, 中文, 🧬 and <|endoftext|> inside."
     docs[5]["text"] = "Line one.\n\nLine two after a blank line.\tTabbed."
-    docs[7]["text"] = ""  # empty: skipped with no --append-eod? kept with EOD only
+    docs[7]["text"] = ""  # an empty document: no sequence, no EOD (as Megatron-LM writes it)
     return docs
 
 
 def hf_ids(tok_dir, texts):
     from transformers import GPT2TokenizerFast
     fast = GPT2TokenizerFast.from_pretrained(tok_dir)
-    return [fast.encode(t) for t in texts]
+    return [fast.encode(t, split_special_tokens=True) for t in texts]  # "<|endoftext|>" in text is text
 
 
 def preprocess(tok_dir, inp, prefix, *extra, check=0):
@@ -43,11 +43,12 @@ def test_megatron_core_reads_our_tokens_exactly(trained_tokenizer, tmp_path):
     r = preprocess(trained_tokenizer, inp, tmp_path / "out", "--append-eod")
     assert str(tmp_path / "out_text_document.bin") in r.stdout
     ds = megatron_dataset(tmp_path / "out_text_document")
-    expected = [ids + [999] for ids in hf_ids(trained_tokenizer, [d["text"] for d in docs])]
-    assert len(ds) == len(docs) and ds.index.dtype == np.uint16
-    assert list(ds.document_indices) == list(range(len(docs) + 1))
+    expected = [ids + [999] for ids in hf_ids(trained_tokenizer, [d["text"] for d in docs]) if ids]
+    assert len(ds) == len(docs) - 1 and ds.index.dtype == np.uint16
+    assert list(ds.document_indices) == [*range(8), *range(7, len(docs))]
     for i, ids in enumerate(expected):
         assert ds[i].tolist() == ids
+    assert 999 not in ds[3].tolist()[:-1]
     assert (tmp_path / "out_text_document.ids").read_text().split("\n")[:-1] == [d["id"] for d in docs]
 
 
@@ -59,7 +60,8 @@ def test_bytes_equal_megatron_core_builder(trained_tokenizer, tmp_path):
     preprocess(trained_tokenizer, inp, tmp_path / "ours", "--append-eod")
     builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
     for ids in hf_ids(trained_tokenizer, [d["text"] for d in docs]):
-        builder.add_item(torch.IntTensor(ids + [999]))
+        if ids:
+            builder.add_item(torch.IntTensor(ids + [999]))
         builder.end_document()
     builder.finalize(str(tmp_path / "ref.idx"))
     for ext in (".bin", ".idx"):
@@ -71,7 +73,7 @@ def test_workers_and_partitions_give_identical_files(trained_tokenizer, tmp_path
     inp = write_jsonl(tmp_path / "docs.jsonl", docs)
     preprocess(trained_tokenizer, inp, tmp_path / "one", "--append-eod")
     preprocess(trained_tokenizer, inp, tmp_path / "many", "--append-eod", "--workers", 2,
-               "--partitions", 3, "--chunk-size-mb", 0.2)
+               "--partitions", 3, "--chunk-size-mb", 0.2, "--keep-sequential-samples")
     for ext in (".bin", ".idx", ".ids"):
         assert filecmp.cmp(tmp_path / f"one_text_document{ext}", tmp_path / f"many_text_document{ext}",
                            shallow=False), ext
@@ -101,18 +103,91 @@ def test_split_sentences_offline_and_keep_newlines(trained_tokenizer, tmp_path):
     assert sentences[3] == "As Smith et al. showed, approx. 10 died.\n\n"
 
 
-def test_empty_documents_skipped_without_eod(trained_tokenizer, tmp_path):
+def test_empty_documents_kept_as_megatron_does(trained_tokenizer, tmp_path):
     docs = [{"id": "a", "text": "Some text."}, {"id": "b", "text": ""}, {"id": "c", "text": "More."}]
     inp = write_jsonl(tmp_path / "docs.jsonl", docs)
-    r = preprocess(trained_tokenizer, inp, tmp_path / "o")
-    assert "1 empty documents skipped" in r.stderr
-    assert (tmp_path / "o_text_document.ids").read_text() == "a\nc\n"
-    assert len(megatron_dataset(tmp_path / "o_text_document")) == 2
+    r = preprocess(trained_tokenizer, inp, tmp_path / "o", "--append-eod")
+    assert "1 documents without tokens kept as empty documents" in r.stderr
+    assert (tmp_path / "o_text_document.ids").read_text() == "a\nb\nc\n"
+    ds = megatron_dataset(tmp_path / "o_text_document")
+    # Three documents, the empty one with no sequence (and no EOD); two sequences in all.
+    assert list(ds.document_indices) == [0, 1, 1, 2] and len(ds) == 2
+
+
+MEGATRON = os.path.join(os.path.dirname(__file__), "data", "megatron_lm")
+MEGATRON_CASES = {  # case: (input, flags); pinned by tests/helpers/pin_megatron_lm.sh
+    "edge": ("edge.jsonl", []),
+    "edge_eod": ("edge.jsonl", ["--append-eod"]),
+    "edge_partitions": ("edge.jsonl", ["--append-eod", "--workers", 2, "--partitions", 2]),
+    "edge_partitions_sequential": ("edge.jsonl", ["--append-eod", "--workers", 2, "--partitions", 2,
+                                                  "--keep-sequential-samples"]),
+    "sentences": ("sentences.jsonl", ["--append-eod", "--split-sentences", "--lang", "english"]),
+    "sentences_keep_newlines": ("sentences.jsonl", ["--append-eod", "--split-sentences", "--lang", "english",
+                                                    "--keep-newlines"]),
+}
+
+
+@pytest.fixture(scope="module")
+def megatron_inputs(tmp_path_factory):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "megatron_edge_cases", os.path.join(os.path.dirname(__file__), "helpers", "megatron_edge_cases.py"))
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    d = tmp_path_factory.mktemp("megatron_inputs")
+    cases.main(d)
+    return d
+
+
+def _megatron_run(tmp_path, inp, flags, case):
+    """Our tool with Megatron-LM's command line (its flags unchanged); returns {suffix: sha256}."""
+    import hashlib
+    env = dict(os.environ, NLTK_DATA=os.path.join(MEGATRON, "nltk_data"))
+    r = run_tool("preprocess_data", "--input", inp, "--output-prefix", tmp_path / "out",
+                 "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", os.path.join(MEGATRON, "tokenizer", "vocab.json"),
+                 "--merge-file", os.path.join(MEGATRON, "tokenizer", "merges.txt"), "--legacy-tokenizer",
+                 "--log-interval", 5, *flags, check=0, env=env)
+    level = "sentence" if "--split-sentences" in flags else "document"
+    assert "Processed 5 documents (" in r.stderr and " MB/s)." in r.stderr  # Megatron's progress lines
+    return {f"_text_{level}{ext}": hashlib.sha256((tmp_path / f"out_text_{level}{ext}").read_bytes()).hexdigest()
+            for ext in (".bin", ".idx")}
+
+
+@pytest.mark.parametrize("case", sorted(MEGATRON_CASES))
+def test_bytes_equal_megatron_lm_preprocess_data(case, megatron_inputs, tmp_path):
+    """Empty texts, "<|endoftext|>" inside text (plain text, never a boundary), list-valued text,
+    non-ASCII and control characters, 500 KB documents, partition order, NLTK sentence splitting
+    with and without --keep-newlines: the files equal what Megatron-LM core_v0.16.1 writes."""
+    with open(os.path.join(MEGATRON, "expected.json")) as f:
+        expected = json.load(f)["cases"][case]
+    inp, flags = MEGATRON_CASES[case]
+    assert _megatron_run(tmp_path, megatron_inputs / inp, flags, case) == expected
+
+
+@pytest.mark.parametrize("flags", [["--split-sentences", "--lang", "english"], []])
+def test_megatron_sentence_lists_are_sentences(flags, tmp_path):
+    """Megatron's own sentence-split output (text: a list of sentences) encodes to the same bytes
+    Megatron writes from it, with or without --split-sentences (the list is never re-split)."""
+    with open(os.path.join(MEGATRON, "expected.json")) as f:
+        expected = json.load(f)["cases"]["sentences"]
+    got = _megatron_run(tmp_path, os.path.join(MEGATRON, "sentences_ss.jsonl"), ["--append-eod", *flags], "list")
+    assert list(got.values()) == list(expected.values())
+
+
+def test_lang_without_nltk_model_is_one_line(trained_tokenizer, tmp_path):
+    inp = write_jsonl(tmp_path / "d.jsonl", [{"text": "One. Two."}])
+    env = dict(os.environ, NLTK_DATA=str(tmp_path / "no_nltk_data"), HOME=str(tmp_path))
+    r = run_tool("preprocess_data", "--input", inp, "--output-prefix", tmp_path / "o", "--tokenizer-type",
+                 "HuggingFaceTokenizer", "--tokenizer-model", trained_tokenizer, "--split-sentences",
+                 "--lang", "klingon", check=1, env=env)
+    assert r.stderr.startswith("error: --lang klingon: NLTK's Punkt model for 'klingon' is not installed here")
+    assert "python -m nltk.downloader punkt_tab" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("line,message", [
     ('{"id": "x", "text": "unterminated}', "malformed JSON"),
-    ('{"id": "x", "body": "no text key"}', "record has no string field 'text' (record id 'x')"),
+    ('{"id": "x", "body": "no text key"}', "record has no field 'text' holding a string or a list of "
+                                            "strings (record id 'x')"),
     ('["not", "an", "object"]', "a JSON object per line is expected"),
 ])
 def test_bad_records_named_and_nothing_written(trained_tokenizer, tmp_path, line, message):
@@ -161,7 +236,10 @@ def test_fast_encoder_equals_tokenizers(trained_tokenizer):
     texts = [d["text"] for d in synthetic.pubmed_like_documents(500, seed=9)]
     texts += ["", "  lots   of\n\n\n spaces\t\t", "<|endoftext|>x<|endoftext|>", "it's they'll we'd",
               "Ünïcödé 🧬🧪 中文 ½ ²", "a" * 5000]
-    assert enc.encode(texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    plain = load_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(trained_tokenizer))
+    plain.encode_special_tokens = True
+    assert enc.encode(texts) == [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]
+    assert 999 not in enc.encode(["<|endoftext|>x<|endoftext|>"])[0]
 
 
 def test_gptdataset_builds_on_our_output(trained_tokenizer, tmp_path):

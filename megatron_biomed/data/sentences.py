@@ -6,7 +6,9 @@ same PubMed text the tokenizer is trained on, and save them as JSON - never a pi
 """
 import json
 
-from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
+from megatron_biomed.errors import UserError
+
+from nltk.tokenize.punkt import PunktLanguageVars, PunktParameters, PunktSentenceTokenizer, PunktTrainer
 
 SPLITTER_FILE = "sentence_splitter.json"
 FORMAT = "megatron_biomed.punkt/1"
@@ -83,3 +85,47 @@ class SentenceSplitter:
             e = spans[i + 1][0] if i + 1 < len(spans) else len(text)
             out.append(text[s:e])
         return out
+
+
+class _KeepWhitespaceVars(PunktLanguageVars):
+    """Megatron-LM's CustomLanguageVars (tools/preprocess_data.py): the whitespace after a
+    sentence end stays with the sentence, so --keep-newlines loses no newline."""
+
+    _period_context_fmt = r"""
+        \S*                          # some word material
+        %(SentEndChars)s             # a potential sentence ending
+        \s*                       #  <-- THIS is what I changed
+        (?=(?P<after_tok>
+            %(NonWord)s              # either other punctuation
+            |
+            (?P<next_tok>\S+)     #  <-- Normally you would have \s+ here
+        ))"""
+
+
+class NltkSplitter:
+    """NLTK's pretrained Punkt model for a language (`--lang`), applied exactly as Megatron-LM's
+    preprocess_data.py does: the text in slices of 1,000,000 characters, each split by Punkt
+    on its own. The model is read from the local NLTK data (`punkt_tab`); nothing is downloaded."""
+
+    SLICE = 1_000_000
+
+    def __init__(self, lang, keep_newlines=False):
+        from nltk.tokenize.punkt import PunktTokenizer
+        try:
+            punkt = PunktTokenizer(lang)
+        except (LookupError, ValueError, TypeError):
+            raise SplitterNotFound(
+                f"--lang {lang}: NLTK's Punkt model for {lang!r} is not installed here (no "
+                f"tokenizers/punkt_tab/{lang} in the NLTK data path); install it once with "
+                f"`python -m nltk.downloader punkt_tab` (set NLTK_DATA on a cluster), or pass "
+                f"--sentence-splitter FILE (tools/train_tokenizer.py writes one)") from None
+        self.punkt = (PunktSentenceTokenizer(train_text=punkt._params, lang_vars=_KeepWhitespaceVars())
+                      if keep_newlines else punkt)
+
+    def split(self, text, keep_newlines=False):
+        n = self.SLICE
+        return [s for i in range(0, len(text), n) for s in self.punkt.tokenize(text[i:i + n])]
+
+
+class SplitterNotFound(UserError):
+    pass

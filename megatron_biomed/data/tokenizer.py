@@ -131,12 +131,16 @@ class BatchEncoder:
     `tokenizers` on PubMed-like text; BPE by merge rank and by token rank then give the same
     result (tiktoken builds its GPT-2 encoding from vocab/merges this way). Anything else, or a
     self-check mismatch, uses `tokenizers` itself.
+
+    Special-token strings in the text are plain text, as in Megatron-LM's GPT2BPETokenizer: a
+    literal "<|endoftext|>" inside an abstract is encoded as its characters, so no input can
+    forge a document boundary; only the writer appends the real EOD id.
     """
 
     def __init__(self, tok, threads=0):
+        tok.encode_special_tokens = True  # the Rust tokenizer: added tokens are not matched in text
         self.tok, self.threads = tok, threads or os.cpu_count() or 1
         self.fast = self._tiktoken_encoding(tok)
-        self.special = {t.content for t in tok.get_added_tokens_decoder().values()}
 
     @staticmethod
     def _tiktoken_encoding(tok):
@@ -179,8 +183,8 @@ class BatchEncoder:
     def _encode_fast(self, texts):
         # One text at a time: tiktoken's thread pool costs more per short document than it
         # saves; parallelism comes from worker processes instead.
-        encode, special = self.fast.encode, self.special
-        return [encode(t, allowed_special=special, disallowed_special=()) for t in texts]
+        encode = self.fast.encode_ordinary
+        return [encode(t) for t in texts]
 
     def _encode_hf(self, texts):
         return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
