@@ -34,6 +34,8 @@ def build_parser():
     p.add_argument("--valid-data", required=True)
     p.add_argument("--test-data", default=None)
     p.add_argument("--split-file", default=None, help="PubMedQA: the official test PMIDs (train = the rest)")
+    p.add_argument("--cop-base", type=int, choices=T.MEDMCQA_COP_BASES, default=None,
+                   help="MedMCQA: options in 'cop' are numbered from 1 (the original release, 1-4) or 0 (Hugging Face hub exports, 0-3); read from the file, needed only when it shows neither a 0 nor a 4")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.5, help="BioMedLM used 0.5")
@@ -187,9 +189,9 @@ def run(args):
     from megatron_biomed.parallel import mesh as M
     device = M.init_distributed()
     t0 = time.time()
-    train = T.read_task(args.task, args.train_data, args.split_file, "train")
-    valid = T.read_task(args.task, args.valid_data, args.split_file, "test")
-    test = T.read_task(args.task, args.test_data, args.split_file, "test") if args.test_data else None
+    train = T.read_task(args.task, args.train_data, args.split_file, "train", args.cop_base)
+    valid = T.read_task(args.task, args.valid_data, args.split_file, "test", args.cop_base)
+    test = T.read_task(args.task, args.test_data, args.split_file, "test", args.cop_base) if args.test_data else None
     if not train or not valid:
         raise T.TaskFormatError("no training or validation examples")
     if args.load:

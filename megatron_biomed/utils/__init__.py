@@ -111,14 +111,15 @@ def print0(*args, **kwargs):
 def iter_json_objects(path, error=ValueError):
     """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
     object raises `error` naming the file and line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the data
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise error(f"{path}:{line_no}: not JSON ({e})") from None
+                raise error(f"{path}:{line_no}: not a JSON object on this line ({e}); JSON lines "
+                            f"(one object per line) expected") from None
             if not isinstance(record, dict):
-                raise error(f"{path}:{line_no}: expected a JSON object")
+                raise error(f"{path}:{line_no}: expected a JSON object (JSON lines: one object per line)")
             yield line_no, record
