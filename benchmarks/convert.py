@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Checkpoint conversion: time and peak memory (RSS) of tools/convert_checkpoint.py on a model
-with random weights, against the usual way of converting (load every tensor into one state
-dict, build the model, `save_pretrained`), measured in the same run.
+"""Checkpoint conversion and loading against transformers, measured in the same run: time
+(each step a fresh process, wall clock including imports) and peak memory (VmHWM).
 
-Each conversion runs in a fresh process whose peak RSS (VmHWM) is read when it ends; the
-ratio column is peak RSS / the size of one fp32 copy of the weights.
+The source is a Hugging Face directory of BioMedLM's shape (random weights, bf16 safetensors,
+as the released model). Rows: transformers `from_pretrained` + `save_pretrained` (baseline) vs
+our HF -> ours TP2xPP2 and ours -> HF (checked bit-identical to the source, same dtype); then
+loading for generation, transformers `from_pretrained` vs our `load_for_inference`, in bf16
+and fp32. The ratio column is seconds / the matching transformers row.
 
-    python benchmarks/convert.py                       # BioMedLM 2.7B (needs ~45 GB of disk)
-    python benchmarks/convert.py --model gpt2-medium --baseline
+    python benchmarks/convert.py                       # BioMedLM 2.7B (~16 GB of disk, ~16 GB RAM)
+    python benchmarks/convert.py --model gpt2-medium
 """
 import argparse
 import math
@@ -51,7 +53,7 @@ def vm_hwm_gb():
 
 
 def child(argv):
-    """Run one conversion (ours or the baseline) in this process and print its peak RSS."""
+    """Run one step in this process and print its peak RSS."""
     kind, args = argv[0], argv[1:]
     t0 = time.time()
     if kind == "tool":
@@ -59,30 +61,49 @@ def child(argv):
         code = main(args)
         if code:
             sys.exit(code)
-    elif kind == "baseline_to_hf":  # what most converters do: everything in memory at once
-        import torch
+    elif kind == "hf_load_save":  # transformers' own round trip: load, save
         from transformers import GPT2LMHeadModel
-
-        from megatron_biomed.convert import hf
-        from megatron_biomed.convert.ours import OursSource
-        src = OursSource(args[0])
-        state = {n: src.model_tensor(n) for n in src.specs}
-        with torch.device("meta"):
-            model = GPT2LMHeadModel(hf.to_hf_config(src.config))
-        model.load_state_dict(hf.to_hf_state_dict(state, src.config), strict=False, assign=True)
-        model.tie_weights()
-        del state
-        model.save_pretrained(args[1])
+        GPT2LMHeadModel.from_pretrained(args[0], dtype="auto").save_pretrained(args[1])
+    elif kind in ("hf_load", "ours_load"):  # load for generation, then one forward pass
+        import torch
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args[1]]
+        if kind == "hf_load":
+            from transformers import GPT2LMHeadModel
+            model = GPT2LMHeadModel.from_pretrained(args[0], dtype=dtype)
+        else:
+            from megatron_biomed.generation import load_for_inference
+            model, _ = load_for_inference(args[0], "cpu", args[1], vocab_file=args[2], merge_file=args[3])
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3, 4]]))
     print(f"RESULT {time.time() - t0:.2f} {vm_hwm_gb():.3f}")
 
 
 def measure(kind, *args):
+    t0 = time.time()
     r = subprocess.run([sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True)
+    wall = time.time() - t0
     if r.returncode != 0:
         raise SystemExit(f"{kind} {args} failed:\n{r.stderr[-3000:]}")
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    seconds, peak = map(float, line.split()[1:])
-    return seconds, peak
+    _, peak = map(float, line.split()[1:])
+    return wall, peak
+
+
+def same_weights(a, b):
+    """Every tensor of two HF directories bit-identical, in the same dtype."""
+    import glob
+
+    from megatron_biomed.convert import storage as S
+    def tensors(d):
+        out = {}
+        for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+            for name, entry in S.read_safetensors_header(f).items():
+                out[name] = (f, entry)
+        return out
+    ta, tb = tensors(a), tensors(b)
+    import torch
+    return set(ta) == set(tb) and all(torch.equal(S.read_safetensors_tensor(*ta[k]), S.read_safetensors_tensor(*tb[k]))
+                                      and ta[k][1][0] == tb[k][1][0] for k in ta), len(ta)
 
 
 def main():
@@ -90,55 +111,76 @@ def main():
         return child(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="biomedlm-2.7b", help="preset (biomedlm-2.7b, gpt2-medium, gpt2-small)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also run the load-everything baseline (needs ~3x the weights in memory)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed at the end)")
+    p.add_argument("--repeat", type=int, default=2, help="runs of each step; the fastest is reported (the "
+                   "page cache and disk make single runs noisy)")
     args = p.parse_args()
 
+    import torch
+
     from megatron_biomed.config import preset
-    from megatron_biomed.convert.ours import model_size_bytes, write_ours
+    from megatron_biomed.convert.hf import write_hf
+    from megatron_biomed.data import synthetic, tokenizer as T
     cfg = preset(args.model)
     work = args.workdir or tempfile.mkdtemp(prefix="convert_bench_")
     os.makedirs(work, exist_ok=True)
     try:
         source = RandomSource(cfg)
-        weights_gb = model_size_bytes(source) / 2**30
         n_params = sum(math.prod(s) for s, _ in source.specs.values())
-        print(f"{args.model}: {n_params / 1e9:.2f}B parameters, one fp32 copy = {weights_gb:.2f} GiB", flush=True)
-        ours = os.path.join(work, "ours_tp1")
+        weights_gb = n_params * 2 / 2**30
+        print(f"{args.model}: {n_params / 1e9:.2f}B parameters, bf16 weights = {weights_gb:.2f} GiB", flush=True)
+        tok_dir = os.path.join(work, "tokenizer")
+        texts = [d["text"] for d in synthetic.pubmed_like_documents(300, seed=1)]
+        T.save_tokenizer(T.train_bpe(texts, vocab_size=1000, show_progress=False), tok_dir)
+        vocab, merges = os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt")
+        hf_src = os.path.join(work, "hf_bf16")
         t0 = time.time()
-        write_ours(source, ours)
-        print(f"wrote the random checkpoint in {time.time() - t0:.0f} s", flush=True)
+        write_hf(source, hf_src, torch.bfloat16, "5GB")
+        print(f"wrote the random bf16 Hugging Face model in {time.time() - t0:.0f} s", flush=True)
 
-        rows = []
+        rows, base = [], {}
 
-        def run(label, kind, *a):
-            seconds, peak = measure(kind, *a)
-            rows.append((label, seconds, peak, peak / weights_gb))
+        def run(label, kind, *a, baseline=None):
+            runs = []
+            for _ in range(args.repeat):
+                save = a[a.index("--save") + 1] if "--save" in a else a[1] if kind == "hf_load_save" else None
+                if save:  # the output of the previous repeat
+                    shutil.rmtree(save, ignore_errors=True)
+                runs.append(measure(kind, *a))
+            seconds, peak = min(r[0] for r in runs), max(r[1] for r in runs)
+            if baseline is None:
+                base[label] = seconds
+            ratio = seconds / base[baseline] if baseline else 1.0
+            rows.append((label, seconds, peak, peak / weights_gb, ratio))
             print(f"  {label}: {seconds:.1f} s, peak RSS {peak:.2f} GiB", flush=True)
 
-        hf_dir = os.path.join(work, "hf")
-        run("ours -> HF (tools/convert_checkpoint.py)", "tool", "--load", ours, "--save", hf_dir,
-            "--target-format", "hf", "--no-tokenizer")
-        if args.baseline:
-            run("ours -> HF, load everything + save_pretrained (baseline)", "baseline_to_hf", ours,
-                os.path.join(work, "hf_baseline"))
-            shutil.rmtree(os.path.join(work, "hf_baseline"), ignore_errors=True)
-        back = os.path.join(work, "ours_from_hf")
-        run("HF -> ours tp=2 (tools/convert_checkpoint.py)", "tool", "--load", hf_dir, "--save", back,
-            "--target-format", "megatron_biomed", "--target-tensor-parallel-size", "2")
-        shutil.rmtree(hf_dir)
-        reshard = os.path.join(work, "ours_tp4pp2")
-        run("ours tp=2 -> ours tp=4 pp=2 (tools/convert_checkpoint.py)", "tool", "--load", back, "--save", reshard,
-            "--target-format", "megatron_biomed", "--target-tensor-parallel-size", "4",
-            "--target-pipeline-parallel-size", "2")
+        tf_out = os.path.join(work, "hf_tf")
+        run("transformers: from_pretrained + save_pretrained", "hf_load_save", hf_src, tf_out)
+        shutil.rmtree(tf_out)
+        ours = os.path.join(work, "ours_tp2pp2")
+        run("ours: HF -> ours TP2xPP2", "tool", "--load", hf_src, "--save", ours, "--target-format",
+            "megatron_biomed", "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+            "--no-tokenizer", baseline="transformers: from_pretrained + save_pretrained")
+        back = os.path.join(work, "hf_back")
+        run("ours: ours TP2xPP2 -> HF", "tool", "--load", ours, "--save", back, "--target-format", "hf",
+            "--no-tokenizer", baseline="transformers: from_pretrained + save_pretrained")
+        identical, count = same_weights(hf_src, back)
+        print(f"  round trip HF -> ours -> HF: {count} tensors, "
+              f"{'all bit-identical in the source dtype' if identical else 'DIFFERENT'}", flush=True)
+        shutil.rmtree(back)
+        for dtype in ("bf16", "fp32"):
+            label = f"transformers: from_pretrained ({dtype}) + 1 forward"
+            run(label, "hf_load", hf_src, dtype)
+            run(f"ours: load_for_inference ({dtype}) + 1 forward", "ours_load", ours, dtype, vocab, merges,
+                baseline=label)
 
         print()
-        print(f"| conversion ({args.model}, {weights_gb:.2f} GiB of fp32 weights) | seconds | peak RSS GiB | "
-              f"peak / weights |")
-        print("|---|---|---|---|")
-        for label, seconds, peak, ratio in rows:
-            print(f"| {label} | {seconds:.1f} | {peak:.2f} | {ratio:.2f}x |")
+        print(f"| {args.model} ({n_params / 1e9:.2f}B, bf16 source) | seconds | vs transformers | peak RSS GiB | "
+              f"peak / bf16 weights |")
+        print("|---|---|---|---|---|")
+        for label, seconds, peak, ratio, vs in rows:
+            print(f"| {label} | {seconds:.1f} | {vs:.2f}x | {peak:.2f} | {ratio:.2f}x |")
+        print(f"\nround trip bit-identical in bf16: {identical}")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -158,6 +158,42 @@ def test_hf_gpt2_to_ours_and_back(tmp_path, scale):
     assert (hf_logits(back, tokens) - reference).abs().max() <= TOL
 
 
+def test_bf16_round_trip_keeps_dtype_and_bits_and_tokenizer_is_optional(tmp_path):
+    """HF bf16 -> ours TP2 -> HF: every tensor bit-identical and still bf16 (not a 2x larger
+    fp32 model); no tokenizer files is a warning, not a failure; --dtype converts on request."""
+    from transformers import GPT2LMHeadModel
+
+    from megatron_biomed.convert import storage as S
+    random_hf_gpt2(tmp_path / "fp32")
+    GPT2LMHeadModel.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    r = convert("--load", tmp_path / "hf", "--save", tmp_path / "ours", "--target-format", "megatron_biomed",
+                "--target-tensor-parallel-size", "2")
+    assert "warning: --load" in r.stderr and "no tokenizer files found" in r.stderr and "no tokenizer" in r.stdout
+    reader = S.DCPReader(str(tmp_path / "ours" / "iter_0000000"))
+    assert reader.dtype("model.h.0.attn.c_attn.weight") == torch.bfloat16
+    mapped = reader.read("model.h.0.mlp.c_fc.weight")  # the file mapped, not copied through DCP
+    copied = torch.empty_like(mapped)
+    reader.read_into({"model.h.0.mlp.c_fc.weight": copied})
+    assert torch.equal(mapped, copied)
+    convert("--load", tmp_path / "ours", "--save", tmp_path / "back", "--target-format", "hf")
+    src = S.read_safetensors_header(str(tmp_path / "hf" / "model.safetensors"))
+    back = S.read_safetensors_header(str(tmp_path / "back" / "model.safetensors"))
+    assert set(src) == set(back) and json.load(open(tmp_path / "back" / "config.json"))["dtype"] == "bfloat16"
+    for name in src:
+        a = S.read_safetensors_tensor(str(tmp_path / "hf" / "model.safetensors"), src[name])
+        b = S.read_safetensors_tensor(str(tmp_path / "back" / "model.safetensors"), back[name])
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    convert("--load", tmp_path / "hf", "--save", tmp_path / "ours32", "--target-format", "megatron_biomed",
+            "--dtype", "fp32")
+    assert S.DCPReader(str(tmp_path / "ours32" / "iter_0000000")).dtype("model.wte.weight") == torch.float32
+    tokens = torch.randint(0, 500, (2, 16))
+    model = build_model(OursSource(str(tmp_path / "ours")), dtype=torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16 and model.lm_head.weight is model.wte.weight
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[..., :500].float(), build_model(
+            OursSource(str(tmp_path / "ours32")), dtype=torch.bfloat16)(tokens)[..., :500].float())
+
+
 def test_hf_import_then_continue_pretraining(tmp_path, dataset, trained_tokenizer):  # noqa: F811
     """A released GPT-2-shaped model -> ours -> pretrain_gpt --use-checkpoint-args resumes from it."""
     src = tmp_path / "hf"

@@ -13,6 +13,7 @@ import torch
 from megatron_biomed.convert import storage as S
 from megatron_biomed.convert.storage import CheckpointFormatError
 from megatron_biomed.errors import UsageError, add_debug_flag, entry_point
+from megatron_biomed.utils import fsync_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,7 +33,8 @@ def build_parser():
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weights dtype of a Hugging Face output (default: as stored); ours are fp32")
+                   help="dtype of the output's model weights (default: as the source stores them, so "
+                        "HF bf16 -> ours -> HF stays bf16; training loads any into fp32 master weights)")
     p.add_argument("--max-shard-size", default="5GB", help="Hugging Face output: largest safetensors file")
     p.add_argument("--vocab-file", default=None, help="tokenizer vocab.json to include (default: the one "
                    "the source names or holds)")
@@ -101,9 +103,9 @@ def _tokenizer(args, source):
     if args.vocab_file or args.merge_file:
         return load_tokenizer("GPT2BPETokenizer", args.vocab_file, args.merge_file)
     tok = source.tokenizer()
-    if tok is None and args.target_format == "hf":
-        raise CheckpointFormatError(f"--load {args.load}: no tokenizer files found with the checkpoint; pass "
-                                    f"--vocab-file and --merge-file (or --no-tokenizer to write the model only)")
+    if tok is None:
+        print(f"warning: --load {args.load}: no tokenizer files found with the checkpoint, so the output has "
+              f"the model only; pass --vocab-file and --merge-file to include them", file=sys.stderr, flush=True)
     if tok is not None and tok.get_vocab_size() > source.config.vocab_size:
         raise CheckpointFormatError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model "
                                     f"{source.config.vocab_size}")
@@ -142,12 +144,12 @@ def convert(args):
     if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)) and not args.force:
         raise UsageError(f"--save {args.save}: exists and is not empty; pass --force to replace it")
     source = open_source(args)
-    tokenizer = _tokenizer(args, source)
     from megatron_biomed.convert.ours import check_layout, model_size_bytes, write_ours
     total = model_size_bytes(source)
     if args.target_format == "megatron_biomed":
         check_layout(source.config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
         total += sum(S.tensor_bytes(s, d) for s, d in getattr(source, "extra_specs", {}).values())
+    tokenizer = _tokenizer(args, source)  # after the checks: its warning only when converting
     tmp = save + ".tmp"
     for leftover in (tmp, save + ".old"):  # left by a killed conversion
         if os.path.exists(leftover):
@@ -161,11 +163,10 @@ def convert(args):
             from megatron_biomed.convert.hf import write_hf
             write_hf(source, tmp, DTYPES.get(args.dtype), args.max_shard_size, tokenizer, bar)
         else:
-            if args.dtype not in (None, "fp32"):
-                raise CheckpointFormatError("our checkpoints keep fp32 master weights; --dtype applies to hf output")
             write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                       tokenizer, bar)
+                       tokenizer, bar, DTYPES.get(args.dtype))
         bar.bar.close()
+        S.sync_tree(tmp)  # on disk before the rename makes it --save
         if os.path.exists(save):
             old = save + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -174,6 +175,7 @@ def convert(args):
             shutil.rmtree(old)
         else:
             os.replace(tmp, save)
+        fsync_dir(os.path.dirname(save))
     except BaseException:
         bar.bar.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -70,6 +70,17 @@ def _qkv_from_hf(w, heads):
     return w.reshape(3, heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
+def _transpose(t, rows=16):
+    """t.t().contiguous(), copied 16 rows at a time: the strided reads stay in cache, which is
+    about 1.5x faster on CPU than one big transposing copy (most of a conversion's compute)."""
+    if t.dim() != 2 or t.numel() < 1 << 16:
+        return t.t().contiguous()
+    out = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device=t.device)
+    for i in range(0, t.shape[0], rows):
+        out[:, i:i + rows].copy_(t[i:i + rows].t())
+    return out
+
+
 def _transposed(name):
     return name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
 
@@ -88,15 +99,13 @@ def to_hf_tensor(name, t, cfg: GPTConfig):
         t = t[:cfg.vocab_size]
     elif name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
         t = _qkv_to_hf(t, cfg.num_attention_heads)
-    if _transposed(name):
-        t = t.t()
-    return t.contiguous()
+    return _transpose(t) if _transposed(name) else t.contiguous()
 
 
 def from_hf_tensor(name, t, cfg: GPTConfig):
     """GPT2LMHeadModel's tensor of our parameter `name` -> ours (embedding not padded)."""
     if _transposed(name):
-        t = t.t()
+        t = _transpose(t)
     if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
         t = _qkv_from_hf(t, cfg.num_attention_heads)
     return t.contiguous()
@@ -149,6 +158,7 @@ class HFSource:
         self.hf_config = hf_config
         self.description = f"Hugging Face {directory}"
         self.iteration = 0
+        self._mapped = S.MappedSafetensors()
         self._index = self._weights_index()
         self.specs = expected_specs(self.config)
         for name, (shape, _) in self.specs.items():
@@ -214,7 +224,7 @@ class HFSource:
 
     def _read(self, key):
         path, v = self._index[key]
-        return v.clone() if isinstance(v, torch.Tensor) else S.read_safetensors_tensor(path, v)
+        return v.clone() if isinstance(v, torch.Tensor) else self._mapped.tensor(path, v)
 
     def model_tensor(self, name):
         return from_hf_tensor(name, self._read(self._find(name)), self.config)
@@ -249,13 +259,10 @@ def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, 
 
     def produce(key):
         name = key.removeprefix("transformer.")
-        t = to_hf_tensor(name, source.model_tensor(name), cfg)
-        if progress is not None:
-            progress.update(t.numel() * t.element_size())
-        return t
+        return to_hf_tensor(name, source.model_tensor(name), cfg)
     weight_map, total = {}, 0
     for fname, shard in shards:
-        S.write_safetensors(os.path.join(out_dir, fname), shard, produce)
+        S.write_safetensors(os.path.join(out_dir, fname), shard, produce, progress)
         for name, shape, dt in shard:
             weight_map[name] = fname
             total += S.tensor_bytes(shape, dt)

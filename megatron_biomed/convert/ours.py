@@ -119,18 +119,20 @@ def check_layout(cfg, tensor_parallel_size, pipeline_parallel_size):
 
 
 def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1, tokenizer=None,
-               progress=None, dtype=torch.float32):
+               progress=None, dtype=None):
     """Write `source` as our checkpoint (root `out_dir`, one iteration) laid out for TP x PP:
     the embedding padded for that TP size, optimizer state carried over from our own
-    checkpoints. DCP maps the tensors onto the ranks of that layout when training loads it."""
+    checkpoints. DCP maps the tensors onto the ranks of that layout when training loads it.
+    Model weights keep the source's dtype unless `dtype` is given (a bf16 Hugging Face model stays
+    bf16, so a round trip gives back what went in; training loads them into fp32 master weights)."""
     cfg = source.config
     check_layout(cfg, tensor_parallel_size, pipeline_parallel_size)
     padded = cfg.padded_vocab_size(tensor_parallel_size)
     specs, producers = {}, {}
-    for name, (shape, _) in source.specs.items():
+    for name, (shape, src_dtype) in source.specs.items():
         if name == "wte.weight":
             shape = (padded, shape[1])
-        specs["model." + name] = (shape, dtype)
+        specs["model." + name] = (shape, dtype or src_dtype)
     extra = getattr(source, "extra_specs", {})
     for key, (shape, dt) in extra.items():
         if key.startswith("optim.wte.weight.") and len(shape) == 2:
@@ -147,20 +149,18 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
             return producers[key]()
         if key.startswith("model."):
             name = key[len("model."):]
-            t = source.model_tensor(name).to(dtype)
+            t = source.model_tensor(name).to(specs[key][1])
             if name == "wte.weight":
                 t = _pad_rows(t[:cfg.vocab_size], padded)
         else:
             t = source.extra_tensor(key)
             if key.startswith("optim.wte.weight.") and t.dim() == 2:
                 t = _pad_rows(t[:cfg.vocab_size], padded)
-        if progress is not None:
-            progress.update(t.numel() * t.element_size())
         return t
 
     d = iteration_dir(out_dir, iteration)
     os.makedirs(d)
-    S.write_dcp(d, specs, produce)
+    S.write_dcp(d, specs, produce, progress)
     meta = {"iteration": iteration, "consumed_samples": consumed,
             "layout": {"tp": tensor_parallel_size, "pp": pipeline_parallel_size},
             "world_size": None, "converted_from": source.description,
@@ -181,19 +181,24 @@ def model_size_bytes(source):
 
 
 def build_model(source, device="cpu", dtype=torch.float32):
-    """Our GPT (one process) with the weights of any source, loaded tensor by tensor."""
+    """Our GPT (one process) with the weights of any source, built directly in `dtype` on
+    `device` and filled tensor by tensor (the next read while this one is placed). A tensor
+    already in the right dtype, shape and device is used as it is: for our checkpoints that is
+    the mapped file, so loading costs no copy, as transformers' safetensors loading does."""
+    from megatron_biomed.convert.storage import Prefetch
     from megatron_biomed.model.gpt import GPT
+    device = torch.device(device)
     with torch.device("meta"):
-        model = GPT(source.config)
-    model = model.to_empty(device=device)
-    model.lm_head.weight = model.wte.weight  # to_empty keeps the tie only by name
+        model = GPT(source.config).to(dtype)
     params = dict(model.named_parameters())
-    with torch.no_grad():
+    with torch.no_grad(), Prefetch(list(source.specs), source.model_tensor) as ahead:
         for name in source.specs:
-            t = source.model_tensor(name)
-            p = params[name]
+            t, p = ahead.get(name), params[name]
             if name == "wte.weight":
                 t = _pad_rows(t, p.shape[0])
-            p.copy_(t)
-    return model.to(dtype).eval()
-
+            if t.dtype != dtype or t.device != device or t.shape != p.shape or not t.is_contiguous():
+                t = torch.empty(p.shape, dtype=dtype, device=device).copy_(t)
+            module, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(module, attr, torch.nn.Parameter(t))
+    model.lm_head.weight = model.wte.weight
+    return model.eval()

@@ -6,9 +6,11 @@ Security: a DCP directory's `.metadata` is read without arbitrary unpickling
 """
 import json
 import math
+import mmap
 import os
 import pickle
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import warnings
 
@@ -18,6 +20,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_biomed.errors import one_line
+from megatron_biomed.utils import fsync_dir
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from megatron_biomed.checkpoint.metadata import (CheckpointFormatError, SafeFileSystemReader,  # noqa: F401
                                                  read_dcp_metadata, storage_problems)
@@ -40,6 +43,10 @@ class DCPReader:
                         if isinstance(m, TensorStorageMetadata)}
         self.objects = {k for k, m in self.metadata.state_dict_metadata.items()
                         if isinstance(m, BytesStorageMetadata)}
+        self._storage, self._items_in_file = {}, {}
+        for index, info in (self.metadata.storage_data or {}).items():
+            self._storage.setdefault(index.fqn, []).append(info)
+            self._items_in_file[info.relative_path] = self._items_in_file.get(info.relative_path, 0) + 1
 
     def shape(self, key):
         return tuple(self.tensors[key].size)
@@ -48,10 +55,34 @@ class DCPReader:
         return self.tensors[key].properties.dtype
 
     def read(self, key):
+        """The whole tensor `key` (read-only use: it may map the file rather than copy it)."""
         if key not in self.tensors:
             raise CheckpointFormatError(f"{self.directory}: has no tensor {key!r}")
+        t = self._mapped(key)
+        if t is not None:
+            return t
         t = torch.empty(self.shape(key), dtype=self.dtype(key))
         self.read_into({key: t})
+        return t
+
+    def _mapped(self, key):
+        """A tensor stored whole in a file of its own (what the converter writes) is that file's
+        torch.save archive: map it instead of copying it through DCP's reader (2-3 copies)."""
+        md, infos = self.tensors[key], self._storage.get(key, [])
+        if len(md.chunks) != 1 or tuple(md.chunks[0].sizes) != tuple(md.size) or len(infos) != 1:
+            return None
+        info = infos[0]
+        path = os.path.join(self.directory, info.relative_path)
+        if info.offset != 0 or info.transform_descriptors or self._items_in_file[info.relative_path] != 1:
+            return None
+        try:
+            if os.path.getsize(path) != info.length:
+                return None
+            t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - anything unexpected: DCP's reader reports it properly
+            return None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != self.shape(key) or t.dtype != self.dtype(key):
+            return None
         return t
 
     def read_into(self, tensors):
@@ -68,20 +99,69 @@ class DCPReader:
                                         f"kind: restore it from a copy") from None
 
 
-class _StreamingSavePlanner(DefaultSavePlanner):
-    """Plans from meta tensors (shapes only) and produces each tensor when it is written."""
+class Prefetch:
+    """Produces the tensors of `keys`, in that order, one ahead of the writer on a background
+    thread: reading and converting the next tensor (file reads and torch ops release the GIL)
+    overlaps writing this one. At most two produced tensors wait at a time."""
 
-    def __init__(self, produce):
+    def __init__(self, keys, produce):
+        self._keys, self._produce, self._next = list(keys), produce, 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._pending = {}
+
+    def _fill(self):
+        while len(self._pending) < 2 and self._next < len(self._keys):
+            key = self._keys[self._next]
+            self._next += 1
+            self._pending[key] = self._pool.submit(self._produce, key)
+
+    def get(self, key):
+        self._fill()
+        future = self._pending.pop(key, None)
+        if future is None:  # asked out of the planned order: produce it here
+            return self._produce(key)
+        t = future.result()
+        self._fill()
+        return t
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)  # waits for at most the tensor in hand
+        self._pending.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """Plans from meta tensors (shapes only) and produces each tensor when it is written, the
+    next one prefetched while this one is written (in the plan's order, which is the order
+    the single-threaded writer takes them)."""
+
+    def __init__(self, produce, progress=None):
         super().__init__()
-        self._produce = produce
+        self._produce, self._progress = produce, progress
+        self.prefetch = None
+
+    def finish_plan(self, new_plan):
+        plan = super().finish_plan(new_plan)
+        self.prefetch = Prefetch([item.index.fqn for item in plan.items], self._produce)
+        return plan
 
     def resolve_data(self, write_item):
-        return self._produce(write_item.index.fqn)
+        key = write_item.index.fqn
+        t = self._produce(key) if self.prefetch is None else self.prefetch.get(key)
+        if self._progress is not None:  # here, on the writer's thread (Ctrl-C, test hooks)
+            self._progress.update(t.numel() * t.element_size())
+        return t
 
 
-def write_dcp(directory, specs, produce):
+def write_dcp(directory, specs, produce, progress=None):
     """Write a DCP checkpoint of `specs` ({key: (shape, dtype)}) into `directory`, calling
-    `produce(key)` for each tensor as it is written, so only one is in memory at a time."""
+    `produce(key)` for each tensor as it is written (a background thread runs it one tensor
+    ahead), so only a few are in memory at a time; `progress.update(bytes)` after each."""
     state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
 
     def checked(key):
@@ -90,13 +170,25 @@ def write_dcp(directory, specs, produce):
         if tuple(t.shape) != want or t.dtype != specs[key][1]:
             raise CheckpointFormatError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {want} {specs[key][1]}")
         return t
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process")
-        # One file per tensor: torch's writer keeps every tensor of a file alive until the file
-        # is complete, so one file for everything would hold the whole model in memory.
-        dcp.save(state, storage_writer=FileSystemWriter(directory, single_file_per_rank=False, thread_count=1,
-                                                        sync_files=True),
-                 planner=_StreamingSavePlanner(checked), no_dist=True)
+    planner = _StreamingSavePlanner(checked, progress)
+    # torch.save's zip records carry a CRC-32 each, which halves its write speed; the manifest
+    # (XXH3-128 of every file, checked on load) already covers these bytes.
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process")
+            # One file per tensor: torch's writer keeps every tensor of a file alive until the file
+            # is complete, so one file for everything would hold the whole model in memory.
+            # sync_files=False: the caller syncs the finished tree once (sync_tree), so writing the
+            # next file never waits for the disk to take the last one.
+            dcp.save(state, storage_writer=FileSystemWriter(directory, single_file_per_rank=False, thread_count=1,
+                                                            sync_files=False),
+                     planner=planner, no_dist=True)
+    finally:
+        torch.serialization.set_crc32_options(crc)
+        if planner.prefetch is not None:
+            planner.prefetch.close()
 
 
 # -- safetensors -------------------------------------------------------------------------------
@@ -136,6 +228,25 @@ def read_safetensors_header(path):
     return out
 
 
+class MappedSafetensors:
+    """Tensors of safetensors files as views of a private (copy-on-write) mapping of just their
+    bytes: no copy is made until a tensor is transformed or written, as transformers loads them,
+    and a tensor's mapping goes away with the tensor, so memory stays bounded while streaming."""
+
+    def tensor(self, path, entry):
+        dtype, shape, begin, end = entry
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = math.prod(shape)
+        if not count or begin % itemsize or end - begin != count * itemsize:
+            return read_safetensors_tensor(path, entry)  # empty, unaligned or inconsistent: read (and check) it
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*non-writable")
+            return torch.frombuffer(mapped, dtype=dtype, count=count, offset=begin - start).view(shape)
+
+
 def read_safetensors_tensor(path, entry):
     dtype, shape, begin, end = entry
     t = torch.empty(shape, dtype=dtype)
@@ -150,8 +261,9 @@ def read_safetensors_tensor(path, entry):
     return t
 
 
-def write_safetensors(path, items, produce):
-    """Write [(name, shape, dtype), ...] to `path`, calling `produce(name)` for each tensor in turn."""
+def write_safetensors(path, items, produce, progress=None):
+    """Write [(name, shape, dtype), ...] to `path`, calling `produce(name)` for each tensor in turn
+    (one ahead, on a background thread); `progress.update(bytes)` after each."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in items:
         nbytes = tensor_bytes(shape, dtype)
@@ -159,16 +271,33 @@ def write_safetensors(path, items, produce):
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    def ready(item):  # on the prefetch thread: the bytes as they go to the file
+        name, shape, dtype = item
+        t = produce(name).detach().to("cpu", dtype).contiguous()
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointFormatError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(shape)}")
+        return t
+    with open(path, "wb") as f, Prefetch(range(len(items)), lambda i: ready(items[i])) as ahead:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, shape, dtype in items:
-            t = produce(name).detach().to("cpu", dtype).contiguous()
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointFormatError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(shape)}")
+        for i in range(len(items)):
+            t = ahead.get(i)
+            if progress is not None:
+                progress.update(t.numel() * t.element_size())
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
+
+
+def sync_tree(root):
+    """fsync every file and directory under `root` (once, after everything is written: the disk
+    takes the data in the background meanwhile, so this mostly waits for what is left)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(directory)
 
 
 def tensor_bytes(shape, dtype):
