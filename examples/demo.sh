@@ -15,10 +15,10 @@ echo "== 1. PubMed + PMC XML -> JSONL documents"
 echo "== 2. BioMedLM tokenizer (byte-level BPE) + offline sentence splitter"
 "$PYTHON" tools/train_tokenizer.py --input "$OUT/documents.jsonl" --output-dir "$OUT/tokenizer"
 
-echo "== 3. JSONL -> Megatron indexed dataset (2 workers, 2 partitions)"
+echo "== 3. JSONL -> Megatron indexed dataset (2 workers, 2 partitions keeping the input order)"
 "$PYTHON" tools/preprocess_data.py --input "$OUT/documents.jsonl" --output-prefix "$OUT/data/pubmed" \
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/tokenizer" --append-eod \
-    --workers 2 --partitions 2 --chunk-size-mb 0.25
+    --workers 2 --partitions 2 --keep-sequential-samples --chunk-size-mb 0.25
 "$PYTHON" tools/preprocess_data.py --input "$OUT/documents.jsonl" --output-prefix "$OUT/data/pubmed" \
     --tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" \
     --merge-file "$OUT/tokenizer/merges.txt" --split-sentences --append-eod --no-progress
