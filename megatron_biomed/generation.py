@@ -110,7 +110,7 @@ def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge
         source = HFSource(load)
     elif fmt == "megatron_biomed":
         from megatron_biomed.convert.ours import OursSource
-        source = OursSource(load, iteration)
+        source = OursSource(load, iteration, verify="background")  # checked while the weights load
     else:
         raise CheckpointFormatError(f"--load {load}: convert a {fmt} checkpoint first (tools/convert_checkpoint.py)")
     if vocab_file or merge_file:
@@ -123,7 +123,14 @@ def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return build_model(source, device, dtype), tok
+    finish = getattr(source, "finish_verification", lambda: None)
+    try:
+        model = build_model(source, device, dtype)
+    except Exception:
+        finish()  # a damaged file: say so rather than how reading it failed
+        raise
+    finish()
+    return model, tok
 
 
 @entry_point

@@ -93,7 +93,9 @@ def open_source(args):
         from megatron_biomed.convert.megatron_lm import MegatronLMSource
         return MegatronLMSource(args.load, args.iteration, args.num_attention_heads, vocab_size, args.activation)
     from megatron_biomed.convert.ours import OursSource
-    return OursSource(args.load, args.iteration, verify=not args.no_verify_checkpoint)
+    # The checksums are checked on a thread while the conversion reads the files (the output
+    # is only renamed into place once they verify).
+    return OursSource(args.load, args.iteration, verify=False if args.no_verify_checkpoint else "background")
 
 
 def _tokenizer(args, source):
@@ -110,6 +112,12 @@ def _tokenizer(args, source):
         raise CheckpointFormatError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model "
                                     f"{source.config.vocab_size}")
     return tok
+
+
+def _finish_verification(source):
+    finish = getattr(source, "finish_verification", None)
+    if finish is not None:
+        finish()
 
 
 def _pause_hook():
@@ -166,6 +174,7 @@ def convert(args):
             write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                        tokenizer, bar, DTYPES.get(args.dtype))
         bar.bar.close()
+        _finish_verification(source)
         S.sync_tree(tmp)  # on disk before the rename makes it --save
         if os.path.exists(save):
             old = save + ".old"
@@ -176,9 +185,11 @@ def convert(args):
         else:
             os.replace(tmp, save)
         fsync_dir(os.path.dirname(save))
-    except BaseException:
+    except BaseException as e:
         bar.bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, CheckpointFormatError):
+            _finish_verification(source)  # a damaged file: say so rather than how reading it failed
         raise
     cfg = source.config
     layout = "" if args.target_format == "hf" else \

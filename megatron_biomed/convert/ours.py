@@ -36,8 +36,24 @@ def resolve_iteration_dir(path, iteration=None):
 
 class OursSource:
     def __init__(self, path, iteration=None, verify=True):
+        """`verify`: True checks the files against the manifest now; "background" checks them on
+        a thread while the caller reads them, and finish_verification() waits for the answer."""
         self.directory, self.root = resolve_iteration_dir(path, iteration)
-        self.verified = verify_checkpoint(self.directory) if verify else None
+        self._verifying = None
+        if verify == "background":
+            import concurrent.futures
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify")
+            self._verifying, self.verified = pool.submit(verify_checkpoint, self.directory), None
+            pool.shutdown(wait=False)
+        else:
+            self.verified = verify_checkpoint(self.directory) if verify else None
+        try:
+            self._open()
+        except CheckpointFormatError:
+            self.finish_verification()  # a damaged file: the manifest's message names it best
+            raise
+
+    def _open(self):
         meta_path = os.path.join(self.directory, "config.json")
         try:
             with open(meta_path) as f:
@@ -63,6 +79,12 @@ class OursSource:
             self.specs[name] = (shape, self.reader.dtype(key))
         self.extra_specs = {k: (self.reader.shape(k), self.reader.dtype(k)) for k in self.reader.tensors
                             if k.startswith(("optim.", "train."))}
+
+    def finish_verification(self):
+        """Wait for a background check: CheckpointFormatError when the files do not verify."""
+        if self._verifying is not None:
+            future, self._verifying = self._verifying, None
+            self.verified = future.result()
 
     def model_tensor(self, name):
         t = self.reader.read("model." + name)
