@@ -139,22 +139,41 @@ def megatron_inputs(tmp_path_factory):
     return d
 
 
+@pytest.fixture
+def nltk_data(monkeypatch):
+    """NLTK's data path pointed at the Punkt parameters pinned beside Megatron's outputs (for
+    this process and the worker processes it spawns)."""
+    import nltk
+    path = os.path.join(MEGATRON, "nltk_data")
+    monkeypatch.setenv("NLTK_DATA", path)
+    monkeypatch.setattr(nltk.data, "path", [path, *nltk.data.path])
+
+
 def _megatron_run(tmp_path, inp, flags, case):
-    """Our tool with Megatron-LM's command line (its flags unchanged); returns {suffix: sha256}."""
+    """Our tool with Megatron-LM's command line (its flags unchanged), run in this process (the
+    same main() as the command line, without paying torch's import per case); returns
+    {suffix: sha256}."""
+    import contextlib
     import hashlib
-    env = dict(os.environ, NLTK_DATA=os.path.join(MEGATRON, "nltk_data"))
-    r = run_tool("preprocess_data", "--input", inp, "--output-prefix", tmp_path / "out",
-                 "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", os.path.join(MEGATRON, "tokenizer", "vocab.json"),
-                 "--merge-file", os.path.join(MEGATRON, "tokenizer", "merges.txt"), "--legacy-tokenizer",
-                 "--log-interval", 5, *flags, check=0, env=env)
+    import io
+
+    from megatron_biomed.data.preprocess import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in (
+            "--input", inp, "--output-prefix", tmp_path / "out", "--tokenizer-type", "GPT2BPETokenizer",
+            "--vocab-file", os.path.join(MEGATRON, "tokenizer", "vocab.json"),
+            "--merge-file", os.path.join(MEGATRON, "tokenizer", "merges.txt"), "--legacy-tokenizer",
+            "--log-interval", 5, "--no-progress", *flags)])
+    assert code == 0, err.getvalue()
     level = "sentence" if "--split-sentences" in flags else "document"
-    assert "Processed 5 documents (" in r.stderr and " MB/s)." in r.stderr  # Megatron's progress lines
+    assert "Processed 5 documents (" in err.getvalue() and " MB/s)." in err.getvalue()  # Megatron's progress lines
     return {f"_text_{level}{ext}": hashlib.sha256((tmp_path / f"out_text_{level}{ext}").read_bytes()).hexdigest()
             for ext in (".bin", ".idx")}
 
 
 @pytest.mark.parametrize("case", sorted(MEGATRON_CASES))
-def test_bytes_equal_megatron_lm_preprocess_data(case, megatron_inputs, tmp_path):
+def test_bytes_equal_megatron_lm_preprocess_data(case, megatron_inputs, tmp_path, nltk_data):
     """Empty texts, "<|endoftext|>" inside text (plain text, never a boundary), list-valued text,
     non-ASCII and control characters, 500 KB documents, partition order, NLTK sentence splitting
     with and without --keep-newlines: the files equal what Megatron-LM core_v0.16.1 writes."""
@@ -165,7 +184,7 @@ def test_bytes_equal_megatron_lm_preprocess_data(case, megatron_inputs, tmp_path
 
 
 @pytest.mark.parametrize("flags", [["--split-sentences", "--lang", "english"], []])
-def test_megatron_sentence_lists_are_sentences(flags, tmp_path):
+def test_megatron_sentence_lists_are_sentences(flags, tmp_path, nltk_data):
     """Megatron's own sentence-split output (text: a list of sentences) encodes to the same bytes
     Megatron writes from it, with or without --split-sentences (the list is never re-split)."""
     with open(os.path.join(MEGATRON, "expected.json")) as f:

@@ -271,7 +271,7 @@ def split_partitions(chunks, n):
 
 
 def preprocess(inputs, output_prefix, config, workers=1, partitions=1, chunk_bytes=8 << 20,
-               show_progress=True, log=sys.stderr, log_interval=None):
+               show_progress=True, log=None, log_interval=None):
     """With `log_interval`, progress is Megatron-LM's lines ("Processed N documents (...)") every
     that many documents instead of a live bar."""
     paths = []
@@ -313,7 +313,7 @@ def preprocess(inputs, output_prefix, config, workers=1, partitions=1, chunk_byt
         if log_interval:  # one line per multiple of the interval, as Megatron-LM prints them
             for count in range((before // log_interval + 1) * log_interval, seen["docs"] + 1, log_interval):
                 print(f"Processed {count} documents ({count / dt} docs/s, "
-                      f"{seen['bytes'] / dt / 1024 / 1024} MB/s).", file=log, flush=True)
+                      f"{seen['bytes'] / dt / 1024 / 1024} MB/s).", file=log or sys.stderr, flush=True)
         bar.update(stats["bytes"])
         bar.set_postfix_str(f"{seen['docs'] / dt:,.0f} docs/s, {seen['tokens'] / dt:,.0f} tokens/s",
                             refresh=False)
