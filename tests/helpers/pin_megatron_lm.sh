@@ -35,8 +35,9 @@ run() {  # run CASE INPUT FLAGS...: Megatron-LM on a private copy of INPUT (it w
   local case=$1 input=$2; shift 2
   mkdir -p "$WORK/$case"
   cp "$input" "$WORK/$case/"
-  local in="$WORK/$case/$(basename "$input")"
-  for pass in 1 2; do  # with --split-sentences and one partition, pass 1 only splits
+  local in
+  in="$WORK/$case/$(basename "$input")"
+  for _ in 1 2; do  # with --split-sentences and one partition, Megatron's first run only splits
     (cd "$WORK/mlm" && PYTHONPATH="$WORK/mlm${PYTHONPATH:+:$PYTHONPATH}" "$PY" tools/preprocess_data.py --input "$in" \
        --output-prefix "$WORK/$case/out" "${TOK[@]}" "$@" >>"$WORK/$case/log" 2>&1)
     ls "$WORK/$case"/out*_text_*.idx >/dev/null 2>&1 && break
