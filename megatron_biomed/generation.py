@@ -101,7 +101,7 @@ def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge
     """(our GPT in eval mode, its tokenizers.Tokenizer) from our checkpoint (any layout) or a
     Hugging Face directory, as one process."""
     from megatron_biomed.convert.cli import detect_format
-    from megatron_biomed.convert.ours import build_model
+    from megatron_biomed.convert.ours import build_model, verified_reads
     from megatron_biomed.convert.storage import CheckpointFormatError
     from megatron_biomed.data.tokenizer import load_tokenizer
     fmt = detect_format(load)
@@ -123,13 +123,8 @@ def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    finish = getattr(source, "finish_verification", lambda: None)
-    try:
+    with verified_reads(source):
         model = build_model(source, device, dtype)
-    except Exception:
-        finish()  # a damaged file: say so rather than how reading it failed
-        raise
-    finish()
     return model, tok
 
 

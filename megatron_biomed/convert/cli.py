@@ -114,12 +114,6 @@ def _tokenizer(args, source):
     return tok
 
 
-def _finish_verification(source):
-    finish = getattr(source, "finish_verification", None)
-    if finish is not None:
-        finish()
-
-
 def _pause_hook():
     """Fault injection for the interrupted-conversion test: stop after the first tensor."""
     if not os.environ.get("MEGATRON_BIOMED_TEST_PAUSE_IN_CONVERT"):
@@ -152,7 +146,7 @@ def convert(args):
     if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)) and not args.force:
         raise UsageError(f"--save {args.save}: exists and is not empty; pass --force to replace it")
     source = open_source(args)
-    from megatron_biomed.convert.ours import check_layout, model_size_bytes, write_ours
+    from megatron_biomed.convert.ours import check_layout, model_size_bytes, verified_reads, write_ours
     total = model_size_bytes(source)
     if args.target_format == "megatron_biomed":
         check_layout(source.config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
@@ -167,14 +161,14 @@ def convert(args):
     t0 = time.time()
     bar = _Progress(total)
     try:
-        if args.target_format == "hf":
-            from megatron_biomed.convert.hf import write_hf
-            write_hf(source, tmp, DTYPES.get(args.dtype), args.max_shard_size, tokenizer, bar)
-        else:
-            write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                       tokenizer, bar, DTYPES.get(args.dtype))
+        with verified_reads(source):  # the output is renamed into place only once the source verifies
+            if args.target_format == "hf":
+                from megatron_biomed.convert.hf import write_hf
+                write_hf(source, tmp, DTYPES.get(args.dtype), args.max_shard_size, tokenizer, bar)
+            else:
+                write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                           tokenizer, bar, DTYPES.get(args.dtype))
         bar.bar.close()
-        _finish_verification(source)
         S.sync_tree(tmp)  # on disk before the rename makes it --save
         if os.path.exists(save):
             old = save + ".old"
@@ -185,11 +179,9 @@ def convert(args):
         else:
             os.replace(tmp, save)
         fsync_dir(os.path.dirname(save))
-    except BaseException as e:
+    except BaseException:
         bar.bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and not isinstance(e, CheckpointFormatError):
-            _finish_verification(source)  # a damaged file: say so rather than how reading it failed
         raise
     cfg = source.config
     layout = "" if args.target_format == "hf" else \

@@ -158,7 +158,6 @@ class HFSource:
         self.hf_config = hf_config
         self.description = f"Hugging Face {directory}"
         self.iteration = 0
-        self._mapped = S.MappedSafetensors()
         self._index = self._weights_index()
         self.specs = expected_specs(self.config)
         for name, (shape, _) in self.specs.items():
@@ -224,7 +223,7 @@ class HFSource:
 
     def _read(self, key):
         path, v = self._index[key]
-        return v.clone() if isinstance(v, torch.Tensor) else self._mapped.tensor(path, v)
+        return v.clone() if isinstance(v, torch.Tensor) else S.map_safetensors_tensor(path, v)
 
     def model_tensor(self, name):
         return from_hf_tensor(name, self._read(self._find(name)), self.config)

@@ -1,5 +1,6 @@
 """Our own checkpoints (see training/checkpoint.py) read and written offline, one tensor at a
 time, without a process group: the source for export and resharding, the target for imports."""
+import contextlib
 import json
 import os
 
@@ -113,6 +114,20 @@ class OursSource:
         return load_tokenizer("GPT2BPETokenizer", *files) if files else None
 
 
+@contextlib.contextmanager
+def verified_reads(source):
+    """Read `source` inside the block; leaving it waits for a background checksum check
+    (OursSource(verify="background"), a no-op for other sources). When reading fails, a file
+    that does not verify is reported instead: the manifest's message names it best."""
+    finish = getattr(source, "finish_verification", None) or (lambda: None)
+    try:
+        yield
+    except Exception:
+        finish()
+        raise
+    finish()
+
+
 def verify_checkpoint(directory):
     """Check `directory` against its manifest; True when it verifies, False when it has none."""
     problems = MF.verify(directory)
@@ -125,7 +140,8 @@ def verify_checkpoint(directory):
     return True
 
 
-def _pad_rows(t, rows):
+def pad_rows(t, rows):
+    """`t` with exactly `rows` rows: cut, or padded with zero rows (a vocabulary padded for TP)."""
     if t.shape[0] >= rows:
         return t[:rows]
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
@@ -173,11 +189,11 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
             name = key[len("model."):]
             t = source.model_tensor(name).to(specs[key][1])
             if name == "wte.weight":
-                t = _pad_rows(t[:cfg.vocab_size], padded)
+                t = pad_rows(t[:cfg.vocab_size], padded)
         else:
             t = source.extra_tensor(key)
             if key.startswith("optim.wte.weight.") and t.dim() == 2:
-                t = _pad_rows(t[:cfg.vocab_size], padded)
+                t = pad_rows(t[:cfg.vocab_size], padded)
         return t
 
     d = iteration_dir(out_dir, iteration)
@@ -207,20 +223,19 @@ def build_model(source, device="cpu", dtype=torch.float32):
     `device` and filled tensor by tensor (the next read while this one is placed). A tensor
     already in the right dtype, shape and device is used as it is: for our checkpoints that is
     the mapped file, so loading costs no copy, as transformers' safetensors loading does."""
-    from megatron_biomed.convert.storage import Prefetch
     from megatron_biomed.model.gpt import GPT
     device = torch.device(device)
     with torch.device("meta"):
         model = GPT(source.config).to(dtype)
     params = dict(model.named_parameters())
-    with torch.no_grad(), Prefetch(list(source.specs), source.model_tensor) as ahead:
+    with torch.no_grad(), S.Prefetch(list(source.specs), source.model_tensor) as ahead:
         for name in source.specs:
             t, p = ahead.get(name), params[name]
             if name == "wte.weight":
-                t = _pad_rows(t, p.shape[0])
+                t = pad_rows(t, p.shape[0])
             if t.dtype != dtype or t.device != device or t.shape != p.shape or not t.is_contiguous():
                 t = torch.empty(p.shape, dtype=dtype, device=device).copy_(t)
-            module, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-            setattr(module, attr, torch.nn.Parameter(t))
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, torch.nn.Parameter(t))
     model.lm_head.weight = model.wte.weight
     return model.eval()

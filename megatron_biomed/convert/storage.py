@@ -228,23 +228,21 @@ def read_safetensors_header(path):
     return out
 
 
-class MappedSafetensors:
-    """Tensors of safetensors files as views of a private (copy-on-write) mapping of just their
-    bytes: no copy is made until a tensor is transformed or written, as transformers loads them,
-    and a tensor's mapping goes away with the tensor, so memory stays bounded while streaming."""
-
-    def tensor(self, path, entry):
-        dtype, shape, begin, end = entry
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        count = math.prod(shape)
-        if not count or begin % itemsize or end - begin != count * itemsize:
-            return read_safetensors_tensor(path, entry)  # empty, unaligned or inconsistent: read (and check) it
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*non-writable")
-            return torch.frombuffer(mapped, dtype=dtype, count=count, offset=begin - start).view(shape)
+def map_safetensors_tensor(path, entry):
+    """A tensor of a safetensors file as a view of a private (copy-on-write) mapping of just its
+    bytes: no copy is made until it is transformed or written, as transformers loads them, and
+    the mapping goes away with the tensor, so memory stays bounded while streaming."""
+    dtype, shape, begin, end = entry
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape)
+    if not count or begin % itemsize or end - begin != count * itemsize:
+        return read_safetensors_tensor(path, entry)  # empty, unaligned or inconsistent: read (and check) it
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-writable")
+        return torch.frombuffer(mapped, dtype=dtype, count=count, offset=begin - start).view(shape)
 
 
 def read_safetensors_tensor(path, entry):
