@@ -6,9 +6,9 @@ same PubMed text the tokenizer is trained on, and save them as JSON - never a pi
 """
 import json
 
-from megatron_biomed.errors import UserError
-
 from nltk.tokenize.punkt import PunktLanguageVars, PunktParameters, PunktSentenceTokenizer, PunktTrainer
+
+from megatron_biomed.errors import UserError
 
 SPLITTER_FILE = "sentence_splitter.json"
 FORMAT = "megatron_biomed.punkt/1"

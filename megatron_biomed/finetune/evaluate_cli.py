@@ -25,8 +25,7 @@ def build_parser():
     p.add_argument("--data", required=True, help="the task's file (e.g. MedMCQA dev.json, MMLU *_test.csv)")
     p.add_argument("--split-file", default=None, help="PubMedQA: the official test PMIDs")
     p.add_argument("--split", choices=["test", "train"], default="test", help="PubMedQA: which side of --split-file")
-    p.add_argument("--cop-base", type=int, choices=T.MEDMCQA_COP_BASES, default=None,
-                   help="MedMCQA: options in 'cop' are numbered from 1 (the original release, 1-4) or 0 (Hugging Face hub exports, 0-3); read from the file, needed only when it shows neither a 0 nor a 4")
+    T.add_cop_base_argument(p)
     p.add_argument("--prompt-style", choices=Z.PROMPT_STYLES, default="ours",
                    help="ours: the answer texts are scored after 'Question: ...\nAnswer:'; lm-eval: lm-eval's "
                         "task prompts, options listed and their letters scored (PubMedQA is the same in both)")
@@ -61,9 +60,8 @@ def main(argv=None):
             examples = examples[:args.limit]
         if not examples:
             raise T.TaskFormatError(f"{args.data}: no examples")
-        pool = T.read_task(args.task, args.fewshot_data, args.split_file, args.split, args.cop_base) \
-            if args.fewshot_data \
-            else examples
+        pool = examples if not args.fewshot_data else \
+            T.read_task(args.task, args.fewshot_data, args.split_file, args.split, args.cop_base)
         for e in examples[:1] + pool[:1]:
             prompts.answers(e)  # refuses a layout the style cannot score, before the model loads
         model, tok = load_for_inference(args.load, args.device, args.dtype, args.vocab_file, args.merge_file)

@@ -69,6 +69,14 @@ def _label_int(value):
 MEDMCQA_COP_BASES = (0, 1)
 
 
+def add_cop_base_argument(parser):
+    """--cop-base, for the tools that read MedMCQA (evaluate.py, finetune.py)."""
+    parser.add_argument("--cop-base", type=int, choices=MEDMCQA_COP_BASES, default=None,
+                        help="MedMCQA: options in 'cop' are numbered from 1 (the original release, 1-4) or "
+                             "0 (Hugging Face hub exports, 0-3); read from the file, needed only when it "
+                             "shows neither a 0 nor a 4")
+
+
 def read_medmcqa(path, cop_base=None):
     """MedMCQA as released (train.json/dev.json: JSON lines, `cop` 1-4) or exported from the
     Hugging Face hub (`cop` 0-3). The numbering is read from the file: a 0 means 0-3, a 4 means
@@ -85,7 +93,7 @@ def read_medmcqa(path, cop_base=None):
             raise TaskFormatError(f"{path}:{line_no}: 'cop' is -1, an unlabelled question (the hub's test split "
                                   f"has no answers); evaluate on the validation split")
         rows.append((line_no, r))
-    where = {c: n for n, r in reversed(rows) for c in (r["cop"],)}  # first line of each value
+    where = {r["cop"]: n for n, r in reversed(rows)}  # the first line of each value
     if cop_base is None:
         if 0 in where and 4 in where:
             raise TaskFormatError(f"{path}: 'cop' is 0 on line {where[0]} and 4 on line {where[4]}: numbered both "

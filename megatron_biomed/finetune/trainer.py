@@ -34,8 +34,7 @@ def build_parser():
     p.add_argument("--valid-data", required=True)
     p.add_argument("--test-data", default=None)
     p.add_argument("--split-file", default=None, help="PubMedQA: the official test PMIDs (train = the rest)")
-    p.add_argument("--cop-base", type=int, choices=T.MEDMCQA_COP_BASES, default=None,
-                   help="MedMCQA: options in 'cop' are numbered from 1 (the original release, 1-4) or 0 (Hugging Face hub exports, 0-3); read from the file, needed only when it shows neither a 0 nor a 4")
+    T.add_cop_base_argument(p)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.5, help="BioMedLM used 0.5")
@@ -58,12 +57,12 @@ def build_parser():
 def _fit_vocab_rows(weights, rows, vocab_size):
     """The embedding (and the tied output layer) padded for this TP size, as pretraining's --load
     does: the real vocabulary's rows kept, padding rows zero (the model masks them out)."""
+    from megatron_biomed.convert.ours import pad_rows
     out = dict(weights)
     for key in ("wte.weight", "lm_head.weight"):
         w = out.get(key)
         if w is not None and w.shape[0] != rows:
-            real = w[:vocab_size]
-            out[key] = torch.cat([real, real.new_zeros(rows - real.shape[0], *real.shape[1:])])
+            out[key] = pad_rows(w[:vocab_size], rows)
     return out
 
 
