@@ -18,7 +18,10 @@ def add_model_args(parser):
     g.add_argument("--model", default="biomedlm-2.7b", choices=sorted(PRESETS), help="preset to start from")
     for flag, (field, typ) in _MODEL_FLAGS.items():
         g.add_argument(flag, dest=field, type=typ, default=None, help=f"override the preset's {field}")
-    g.add_argument("--attention-backend", choices=["auto", "flash", "sdpa", "math"], default=None)
+    g.add_argument("--attention-backend", choices=["auto", "flash", "cudnn", "sdpa", "math"], default=None,
+                   help="auto: flash-attn if installed, else SDPA pinned to its cuDNN/FlashAttention kernels "
+                        "on a GPU in bf16/fp16; flash / cudnn: that kernel only; sdpa: SDPA's own choice; "
+                        "math: the fp32-softmax reference")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--activation", choices=["gelu_new", "gelu"], default=None,
                    help="MLP activation: gelu_new (GPT-2/BioMedLM, tanh approximation) or exact gelu")

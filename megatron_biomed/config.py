@@ -20,7 +20,7 @@ class GPTConfig:
     init_method_std: float = 0.02
     activation: str = "gelu_new"      # gelu_new (tanh approximation, GPT-2) | gelu (exact erf)
     make_vocab_size_divisible_by: int = 128
-    attention_backend: str = "auto"   # auto | flash | sdpa | math
+    attention_backend: str = "auto"   # auto | flash | cudnn | sdpa | math (model/gpt.py)
     recompute_granularity: str = None  # None | full | selective
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ parallel ranks gives every rank whole heads; the embedding is padded to a multip
 `make_vocab_size_divisible_by` x TP and the padded logits are masked so they never win; and
 BioMedLM's `scale_attn_by_inverse_layer_idx` divides attention scores by (layer index + 1).
 """
+import contextlib
 import math
 
 import torch
@@ -13,16 +14,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron_biomed.model.loss import cross_entropy
+
 try:  # optional GPU kernel
     from flash_attn import flash_attn_func
 except Exception:  # noqa: BLE001 - any import problem means "not available"
     flash_attn_func = None
 
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "sdpa", "math")
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    # On a GPU in half precision, SDPA is pinned to these kernels (in this order of preference)
+    # rather than left to its heuristics, which can fall back to slower ones without a word.
+    SDPA_KERNELS = {"flash": [SDPBackend.FLASH_ATTENTION],
+                    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+                    "auto": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]}
+except ImportError:  # older torch: SDPA chooses
+    sdpa_kernel, SDPA_KERNELS = None, {}
 
 
 class CoreAttention(nn.Module):
-    """softmax(q k^T * scale + causal mask) v with dropout; no parameters."""
+    """softmax(q k^T * scale + causal mask) v with dropout; no parameters.
+
+    Backends: flash = the flash-attn package if installed, else SDPA's FlashAttention kernel;
+    cudnn = SDPA's cuDNN kernel; auto = flash-attn if installed, else cuDNN or FlashAttention
+    through SDPA on a GPU in half precision, SDPA's own choice elsewhere; sdpa = SDPA's choice;
+    math = the fp32-softmax reference."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -36,33 +54,40 @@ class CoreAttention(nn.Module):
             self.scale /= layer_idx + 1
         self.selective_recompute = config.recompute_granularity == "selective"
 
+    # Left out of --compile's graphs: the kernel is a library call either way, and compiling it
+    # would specialise on this layer's scale and recompile for every layer.
+    @torch.compiler.disable
     def forward(self, q, k, v):  # (B, T, heads, head_dim) each
         if self.selective_recompute and self.training:
             return checkpoint(self._attend, q, k, v, use_reentrant=False)
         return self._attend(q, k, v)
 
     def resolved_backend(self, q):
-        if self.backend != "auto":
+        """flash-attn, an SDPA kernel list, or sdpa/math."""
+        fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        if self.backend in ("auto", "flash") and flash_attn_func is not None and fast:
+            return "flash-attn"
+        if self.backend == "flash" and not fast:
+            raise RuntimeError("--attention-backend flash needs a CUDA GPU and --bf16 or --fp16")
+        if self.backend in ("auto", "flash", "cudnn") and fast and self.backend in SDPA_KERNELS:
             return self.backend
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return "flash"
-        return "sdpa"
+        return "math" if self.backend == "math" else "sdpa"
 
     def _attend(self, q, k, v):
         p = self.dropout if self.training else 0.0
         backend = self.resolved_backend(q)
         T, S = q.shape[1], k.shape[1]  # S > T when decoding with a KV cache
-        if backend == "flash":
-            if flash_attn_func is None:
-                raise RuntimeError("--attention-backend flash needs the flash-attn package")
+        if backend == "flash-attn":
             # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs
             return flash_attn_func(q, k, v, dropout_p=p, softmax_scale=self.scale, causal=True)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         # query i sits at position S - T + i and sees keys 0..S - T + i
         mask = None if T == S or T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if backend == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                               is_causal=T == S and T > 1, scale=self.scale)
+        if backend != "math":
+            pinned = backend in SDPA_KERNELS and mask is None  # the pinned kernels take no mask
+            with sdpa_kernel(SDPA_KERNELS[backend], set_priority=True) if pinned else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                   is_causal=T == S and T > 1, scale=self.scale)
         else:  # math: the reference, softmax in fp32
             att = (q @ k.transpose(-2, -1)).float() * self.scale
             causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -180,20 +205,21 @@ class GPT(nn.Module):
         return x
 
     def head(self, x):
-        logits = self.lm_head(self.ln_f(x))
-        if logits.shape[-1] == self.padded_vocab_size and self.padded_vocab_size > self.config.vocab_size:
-            logits = mask_padded_vocab(logits, self.config.vocab_size)
-        return logits
+        """Logits over the padded vocabulary (the loss leaves the padding out)."""
+        return self.lm_head(self.ln_f(x))
 
     def forward(self, tokens, targets=None, cache=None):
-        """Logits (or the loss, given targets); with a KVCache, `tokens` continue the cached ones."""
+        """Logits, padded columns at -inf (or the mean loss, given targets); with a KVCache,
+        `tokens` continue the cached ones."""
         start = cache.length if cache is not None else 0
         logits = self.head(self.blocks(self.embed(tokens, start), cache=cache))
         if cache is not None:
             cache.length += tokens.shape[1]
         if targets is None:
+            if self.padded_vocab_size > self.config.vocab_size:
+                logits = mask_padded_vocab(logits, self.config.vocab_size)
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return cross_entropy(logits, targets, self.config.vocab_size).mean()
 
     def num_parameters(self, exclude_positions=False):
         n = sum(p.numel() for p in self.parameters())

@@ -3,6 +3,14 @@
 The full model is initialised identically on every rank (same seed), then cut into this rank's
 pipeline stages, sharded over TP, and wrapped for data parallelism - so the weights are the
 same whatever the layout. `train_step` runs one optimizer step on a global batch.
+
+bf16 (`param_dtype`): the modules hold bf16 parameters, so no per-step casts of the weights.
+Under DDP each parameter has an fp32 main copy; every micro-batch's bf16 gradient is added to
+the main copy's fp32 gradient as soon as it is accumulated (a post-accumulate-grad hook), so
+accumulation, the data-parallel all-reduce, clipping and the optimizer all run in fp32 (Megatron's
+main_grad scheme). `parameters()` / `named_parameters()` are the main copies: the optimizer and
+checkpoints see fp32 weights, as without bf16. Under FSDP2 the sharded fp32 parameters are the
+main copies and a MixedPrecisionPolicy gathers them in bf16 and reduces gradients in fp32.
 """
 import contextlib
 
@@ -20,8 +28,28 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _inductor_problem(device):
+    """Why torch.compile cannot run here (no C++ compiler, no Triton, ...), or None."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means "fall back to eager"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}"[:300]
+    return None
+
+
+def compile_blocks(modules):
+    """Regional compilation: each transformer block's forward goes through torch.compile. All
+    blocks share one compiled graph (parameters are graph inputs), so compile time does not grow
+    with depth; hooks of TP and FSDP2 around a block stay outside the graph."""
+    for m in modules:
+        for block in (m.h.values() if isinstance(m.h, torch.nn.ModuleDict) else m.h):
+            block.forward = torch.compile(block.forward)
+
+
 class ParallelGPT:
-    def __init__(self, model_config, parallel, mesh, device=torch.device("cpu"), seed=1234):
+    def __init__(self, model_config, parallel, mesh, device=torch.device("cpu"), seed=1234,
+                 param_dtype=None, compile=False):
         self.config, self.parallel, self.mesh, self.device = model_config, parallel, mesh, device
         world = mesh.size()
         parallel.validate(model_config, world)
@@ -47,14 +75,22 @@ class ParallelGPT:
                 tensor_parallel_dropout_rng(m, self.tp_rank, parallel.sequence_parallel)
         # Dropout streams as Megatron seeds them: per pipeline rank, shared across TP and DP.
         torch.manual_seed(seed + 100 * self.pp_rank)
+        # --compile: None when compiled, else why not (the caller reports it and runs eager)
+        self.compile_problem = _inductor_problem(device) if compile else "not asked for"
+        if self.compile_problem is None:
+            compile_blocks(self.modules)
         self.fsdp = parallel.data_parallel_sharding != "none"
+        self._main = {}  # id(module parameter) -> its fp32 main copy (bf16 under DDP)
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             reshard = parallel.data_parallel_sharding == "full"
+            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
             for m in self.modules:
                 for block in (m.h.values() if isinstance(m.h, torch.nn.ModuleDict) else m.h):
-                    fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard)
-                fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard)
+                    fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=mp)
+                fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=mp)
+        elif param_dtype is not None:
+            self._use_main_params(param_dtype)
         self._embedding_groups()
         self.schedule = None
         self.autocast_dtype = None  # torch.bfloat16 / torch.float16: compute dtype (params stay fp32)
@@ -75,22 +111,56 @@ class ParallelGPT:
                 if me in pair:
                     self.embedding_group = g
 
-    def parameters(self):
-        seen = set()
-        for m in self.modules:
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    yield p
-
-    def named_parameters(self):
-        """(name in the full model, parameter); the last stage's tied head is 'lm_head.weight'."""
+    def _module_parameters(self):
+        """(name in the full model, parameter of the modules); the last stage's tied head is
+        'lm_head.weight'."""
         seen = set()
         for m in self.modules:
             for n, p in m.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield n, p
+
+    def _use_main_params(self, dtype):
+        main = {n: p.detach().float().clone() for n, p in self._module_parameters()}
+        for m in self.modules:
+            m.to(dtype)
+        for n, p in self._module_parameters():
+            self._main[id(p)] = main[n]
+            p.register_post_accumulate_grad_hook(self._to_main_grad)
+
+    @torch.no_grad()
+    def _to_main_grad(self, p):
+        main = self._main[id(p)]
+        g = p.grad
+        if isinstance(g, DTensor) and g.placements != main.placements:
+            g = g.redistribute(main.device_mesh, main.placements)
+        if main.grad is None:
+            main.grad = g.float()
+        else:
+            main.grad += g
+        p.grad = None
+
+    def main_param(self, p):
+        """The parameter the optimizer updates for module parameter `p` (itself unless bf16)."""
+        return self._main.get(id(p), p)
+
+    @torch.no_grad()
+    def sync_params(self):
+        """Copy the main copies into the bf16 module parameters (after a step or a load)."""
+        for _, p in self._module_parameters():
+            main = self._main.get(id(p))
+            if main is not None:
+                _local(p).copy_(_local(main))
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_parameters(self):
+        """(name in the full model, parameter the optimizer updates and checkpoints hold)."""
+        for n, p in self._module_parameters():
+            yield n, self.main_param(p)
 
     @property
     def first_stage(self):
@@ -176,8 +246,9 @@ class ParallelGPT:
             for m in self.modules:
                 for name in ("wte", "lm_head"):
                     mod = getattr(m, name, None)
-                    if mod is not None and mod.weight.grad is not None:
-                        grad = _local(mod.weight.grad)
+                    weight = self.main_param(mod.weight) if mod is not None else None
+                    if weight is not None and weight.grad is not None:
+                        grad = _local(weight.grad)
                         buf = grad.contiguous()  # gloo needs contiguous buffers
                         dist.all_reduce(buf, group=self.embedding_group)
                         if buf.data_ptr() != grad.data_ptr():
@@ -213,6 +284,7 @@ class ParallelGPT:
         self.reduce_gradients()
         norm = self.clip_gradients(clip_grad)
         optimizer.step()
+        self.sync_params()
         return loss, norm
 
     def data_slice(self, global_batch):

@@ -2,7 +2,7 @@
 
 QKV and fc1 are column-parallel, attention-out and fc2 row-parallel, the embedding and the tied
 output layer vocab-parallel; the loss is a vocab-parallel cross entropy on each rank's logits
-shard, so full logits are never gathered. With sequence parallelism the LayerNorm/dropout
+shard (model/loss.py), so full logits are never gathered. With sequence parallelism the LayerNorm/dropout
 regions hold a 1/TP slice of the sequence.
 """
 import torch
@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from megatron_biomed.model.gpt import mask_padded_vocab
+from megatron_biomed.model.loss import cross_entropy
 
 
 def _replicate(module, mesh):
@@ -65,55 +65,17 @@ def apply_tensor_parallel(module, tp_mesh, sequence_parallel=False):
     return module
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross entropy over logits split by vocabulary across `group` (Megatron's algorithm)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group):
-        logits = logits.float()
-        local_max = logits.max(dim=-1).values
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - local_max.unsqueeze(-1)
-        vocab_end = vocab_start + logits.shape[-1]
-        in_shard = (targets >= vocab_start) & (targets < vocab_end)
-        local_index = (targets - vocab_start).clamp(0, logits.shape[-1] - 1)
-        target_logit = shifted.gather(-1, local_index.unsqueeze(-1)).squeeze(-1) * in_shard
-        exp = shifted.exp()
-        sum_exp = exp.sum(-1)
-        both = torch.stack([target_logit, sum_exp])
-        dist.all_reduce(both, group=group)
-        target_logit, sum_exp = both[0], both[1]
-        loss = sum_exp.log() - target_logit
-        softmax = exp / sum_exp.unsqueeze(-1)
-        ctx.save_for_backward(softmax, in_shard, local_index)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, in_shard, local_index = ctx.saved_tensors
-        grad = softmax
-        grad.scatter_add_(-1, local_index.unsqueeze(-1), -in_shard.unsqueeze(-1).to(grad.dtype))
-        return grad * grad_loss.unsqueeze(-1), None, None, None
-
-
 IGNORE_INDEX = -100  # targets with this value (masked by the dataset's loss_mask) add no loss
 
 
 def lm_loss(logits, targets, vocab_size, tp_group=None, tp_rank=0):
     """Mean cross entropy over the targets that are not IGNORE_INDEX, of (possibly
-    vocab-sharded) logits; padded vocabulary columns are masked."""
-    vocab_start = tp_rank * logits.shape[-1]
-    logits = mask_padded_vocab(logits, vocab_size, vocab_start)
-    valid = targets != IGNORE_INDEX
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                                   ignore_index=IGNORE_INDEX, reduction="none")
-    else:
-        losses = _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, tp_group).flatten()
-    valid = valid.flatten()
+    vocab-sharded) logits; padded vocabulary columns are left out."""
+    losses = cross_entropy(logits, targets, vocab_size, tp_group, tp_rank * logits.shape[-1]).flatten()
+    valid = (targets != IGNORE_INDEX).flatten()
     if bool(valid.all()):
         return losses.mean()
-    return (losses * valid).sum() / valid.sum().clamp(min=1)
+    return losses.sum() / valid.sum().clamp(min=1)
 
 
 def tensor_parallel_dropout_rng(module, tp_rank, sequence_parallel=False):

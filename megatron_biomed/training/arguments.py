@@ -32,13 +32,20 @@ def add_training_args(parser):
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--seed", type=int, default=1234)
     g = parser.add_argument_group("mixed precision")
-    g.add_argument("--bf16", action="store_true", help="compute in bfloat16, fp32 master weights")
-    g.add_argument("--fp16", action="store_true", help="compute in float16 with dynamic loss scaling")
+    g.add_argument("--bf16", action="store_true",
+                   help="bfloat16 parameters and gradients; fp32 main weights for the optimizer and checkpoints, "
+                        "gradients accumulated and reduced in fp32")
+    g.add_argument("--fp16", action="store_true",
+                   help="float16 compute under autocast (fp32 parameters) with dynamic loss scaling")
     g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale instead of dynamic")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
     g.add_argument("--min-loss-scale", type=float, default=1.0)
     g.add_argument("--loss-scale-window", type=int, default=1000, help="good steps before the scale doubles")
     g.add_argument("--hysteresis", type=int, default=2, help="overflows tolerated before the scale halves")
+    g = parser.add_argument_group("speed")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional: compiled once, reused by every layer); "
+                        "falls back to eager with a warning where inductor cannot run")
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="dataset prefix, or weight prefix pairs to blend: 0.7 pubmed_text_document 0.3 pmc_text_document")

@@ -87,8 +87,12 @@ class Trainer:
         self.config = config
         print0("effective config:\n" + yaml.safe_dump(_plain(config), sort_keys=True).rstrip())
 
-        self.model = ParallelGPT(self.model_config, self.parallel, self.mesh, self.device, seed=args.seed)
-        self.model.autocast_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        self.model = ParallelGPT(self.model_config, self.parallel, self.mesh, self.device, seed=args.seed,
+                                 param_dtype=torch.bfloat16 if args.bf16 else None, compile=args.compile)
+        if args.compile and self.model.compile_problem:
+            print0(f"warning: --compile: torch.compile cannot run here ({self.model.compile_problem}); "
+                   f"training without it")
+        self.model.autocast_dtype = torch.float16 if args.fp16 else None
         self.optimizer = build_optimizer(self.model, args, self.device)
         self.scaler = LossScaler(args.initial_loss_scale, args.min_loss_scale, args.loss_scale_window,
                                  args.hysteresis, args.loss_scale) if args.fp16 else None
@@ -131,6 +135,7 @@ class Trainer:
                      load_optim=not (a.no_load_optim or finetune), load_rng=not (a.no_load_rng or finetune),
                      verify=not a.no_verify_checkpoint)
         iteration, consumed, meta, self.loaded_from = got
+        self.model.sync_params()
         if not finetune:
             self.iteration = iteration
             if consumed != iteration * self.gbs:
@@ -173,6 +178,7 @@ class Trainer:
                                 f"stopping{self._last_good()}")
         model.clip_gradients(self.args.clip_grad, norm)
         opt.step()
+        model.sync_params()
         return loss, norm, False
 
     def evaluate(self, dataset, index, name):

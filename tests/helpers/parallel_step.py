@@ -38,6 +38,8 @@ def main():
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 main weights")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = M.init_distributed("gloo")
@@ -54,7 +56,9 @@ def main():
         M.destroy()
         return 2
     mesh = M.build_mesh(parallel)
-    model = ParallelGPT(config, parallel, mesh, device)
+    model = ParallelGPT(config, parallel, mesh, device, param_dtype=torch.bfloat16 if args.bf16 else None,
+                        compile=args.compile)
+    assert model.compile_problem is None or not args.compile, model.compile_problem
     tokens, targets = batch(config, args.global_batch, args.seq)
     opt = torch.optim.SGD(list(model.parameters()), lr=1.0)
     loss, norm = model.train_step(model.data_slice(tokens), model.data_slice(targets), opt, clip_grad=1.0)
