@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench gpu-check clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
+
+# On a GPU machine whose python3 has CUDA torch: GPU tests + throughput table (gpu_check.md).
+# No venv and no install (such machines often have no network); skips cleanly without a GPU.
+_CUDA_OK = -c "import torch; assert torch.cuda.is_available()" 2>/dev/null
+GPU_PYTHON ?= $(shell for p in $(PYTHON) $(PY); do $$p $(_CUDA_OK) && echo $$p && exit; done; \
+                test -x $(PY) && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py --output gpu_check.md
 
 clean:
 	rm -rf demo_output .pytest_cache build *.egg-info

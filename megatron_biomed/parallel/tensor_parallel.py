@@ -6,7 +6,6 @@ shard (model/loss.py), so full logits are never gathered. With sequence parallel
 regions hold a 1/TP slice of the sequence.
 """
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
