@@ -148,8 +148,10 @@ def _transformers(spec, cfg, device):
                     attn_pdrop=cfg.attention_dropout, layer_norm_epsilon=cfg.layernorm_epsilon,
                     scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
                     activation_function="gelu_new", use_cache=False)
+    hf._attn_implementation = "sdpa"
     torch.manual_seed(1234)
-    model = GPT2LMHeadModel._from_config(hf, attn_implementation="sdpa").to(device)
+    with torch.device(device):
+        model = GPT2LMHeadModel(hf)
     if cfg.recompute_granularity == "full":
         model.gradient_checkpointing_enable()
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
