@@ -307,7 +307,7 @@ def main(argv=None):
     import torch
     gpu = torch.cuda.is_available()
     defaults = (dict(model="biomedlm-2.7b", seq_length=1024, micro_batch_sizes=[4, 8, 16], baseline_micro_batch_size=8,
-                     global_batch_size=32, compile=True, bf16=True, warmup=3, steps=4) if gpu else
+                     global_batch_size=64, compile=True, bf16=True, warmup=2, steps=3) if gpu else
                 dict(model="tiny", seq_length=64, micro_batch_sizes=[2], baseline_micro_batch_size=2,
                      global_batch_size=4, compile=False, bf16=False, warmup=1, steps=2))
     for k, v in defaults.items():
