@@ -41,7 +41,7 @@ _CUDA_OK = -c "import torch; assert torch.cuda.is_available()" 2>/dev/null
 GPU_PYTHON ?= $(shell for p in $(PYTHON) $(PY); do $$p $(_CUDA_OK) && echo $$p && exit; done; \
                 test -x $(PY) && echo $(PY) || echo $(PYTHON))
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py --output gpu_check.md $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) benchmarks/gpu_check.py --output gpu_check.md $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf demo_output .pytest_cache build *.egg-info
