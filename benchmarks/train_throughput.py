@@ -249,23 +249,36 @@ def label(spec):
     return f"{spec['impl']} ({', '.join(extra)})"
 
 
+def planned(spec):
+    """megatron_biomed.planner's peak memory for one of our GPU rows (its model is of this code)."""
+    import torch
+    if spec["impl"] != "ours" or not torch.cuda.is_available():
+        return ""
+    from megatron_biomed import planner as P
+    from megatron_biomed.config import preset
+    cfg = preset(spec["model"], seq_length=spec["seq"], attention_backend=spec["attention"])
+    lay = P.Layout(micro_batch_size=spec["mbs"], global_batch_size=spec["gbs"], recompute=spec["recompute"],
+                   precision="bf16" if spec["bf16"] else "fp32")
+    return f"{P.gib(sum(P.memory(cfg, lay).values())):.1f}"
+
+
 def table(rows, peak):
     def best(impl):
         ok = [r["result"]["tokens_per_s"] for r in rows if r["spec"]["impl"] == impl and "error" not in r["result"]]
         return max(ok) if ok else None
     base = {impl: best(impl) for impl in ("megatron-core", "transformers")}
-    head = ("| row | tokens/s | TFLOP/s | MFU | peak mem (GiB) | step (s) | loss | vs megatron-core | "
-            "vs transformers |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| row | tokens/s | TFLOP/s | MFU | peak mem (GiB) | planned mem (GiB) | step (s) | loss | "
+            "vs megatron-core | vs transformers |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         res = r["result"]
         if "error" in res:
-            lines.append(f"| {label(r['spec'])} | {res['error']} |||||||||")
+            lines.append(f"| {label(r['spec'])} | {res['error']} ||||||||||")
             continue
         mfu = f"{100 * res['tflops'] / peak:.1f}%" if peak else "n/a"
         ratios = [f"{res['tokens_per_s'] / base[i]:.2f}x" if base[i] else "n/a" for i in ("megatron-core", "transformers")]
         lines.append(f"| {label(r['spec'])} | {res['tokens_per_s']:,.0f} | {res['tflops']:.3g} | {mfu} | "
-                     f"{res['peak_mem_gib']:.1f} | {res['step_s']:.3f} | {res['loss']:.3f} | {ratios[0]} | {ratios[1]} |")
+                     f"{res['peak_mem_gib']:.1f} | {planned(r['spec'])} | {res['step_s']:.3f} | {res['loss']:.3f} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,77 @@
+"""tools/plan_run.py: its memory figures against peak memory measured here on CPU and on GPUs,
+its time figures against the published BioMedLM run, and its command line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_tool
+
+from megatron_biomed import planner as P
+from megatron_biomed.config import preset
+
+HELPER = os.path.join(ROOT, "tests", "helpers", "measure_memory.py")
+SMALL = "tiny:hidden_size=256,ffn_hidden_size=1024,vocab_size=2048,seq_length=512,attention_dropout=0.0"
+
+
+@pytest.mark.parametrize("recompute,bf16", [(None, False), ("full", False), (None, True)],
+                         ids=["fp32", "fp32-full-recompute", "bf16-params"])
+def test_memory_within_15_percent_of_cpu_peak(recompute, bf16):
+    """Weights, AdamW state and one micro-batch's forward/backward of a 4-layer model (~0.5 GB)."""
+    args = [sys.executable, HELPER, "--config", SMALL, "--mbs", "8"]
+    args += ["--recompute", recompute] if recompute else []
+    args += ["--bf16"] if bf16 else []
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29700 + os.getpid() % 200)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured = int(r.stdout.split()[-1])
+    cfg = preset("tiny", hidden_size=256, ffn_hidden_size=1024, vocab_size=2048, seq_length=512,
+                 attention_dropout=0.0)
+    lay = P.Layout(micro_batch_size=8, global_batch_size=8, recompute=recompute, precision="bf16" if bf16 else "fp32")
+    planned = sum(P.memory(cfg, lay).values())
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+# torch.cuda.max_memory_allocated of benchmarks/train_throughput.py's rows (BioMedLM 2.7B, seq
+# 1024, bf16, our training step), measured on an H200 and an H100 on 2026-11-26 (README).
+GPU_PEAKS_GIB = [(2, None, 49.65), (4, None, 55.20), (8, None, 66.39), (16, None, 89.07),
+                 (16, "full", 49.07), (16, "selective", 89.03)]
+
+
+@pytest.mark.parametrize("mbs,recompute,measured", GPU_PEAKS_GIB)
+def test_memory_matches_peaks_measured_on_gpu(mbs, recompute, measured):
+    lay = P.Layout(micro_batch_size=mbs, global_batch_size=64, recompute=recompute)
+    planned = P.gib(sum(P.memory(preset("biomedlm-2.7b"), lay).values()))
+    assert abs(planned / measured - 1) < 0.05, (planned, measured)
+
+
+def test_time_of_the_published_biomedlm_run():
+    """BioMedLM's model card: 300B tokens, batch 1024 x 1024, 128 A100-40GB, about 6.25 days -
+    which is 23% MFU by the Megatron FLOP count; the planner, given that MFU, gives the days."""
+    cfg = preset("biomedlm-2.7b")
+    lay = P.Layout(dp=128, micro_batch_size=4, global_batch_size=1024, sharding="optimizer")
+    iters = round(300e9 / (1024 * 1024))
+    seconds, gpu_hours = P.run_time(cfg, lay, 128, 312.0, 0.231, iters)
+    assert abs(seconds / 86400 - 6.25) < 0.1
+    assert abs(gpu_hours - 6.25 * 24 * 128) < 0.02 * 6.25 * 24 * 128
+    assert P.gib(sum(P.memory(cfg, lay).values())) < 40 - P.RESERVED_GIB  # it fit on A100-40GB
+
+
+def test_plan_run_command(tmp_path):
+    r = run_tool("plan_run", "--config", os.path.join(ROOT, "examples", "configs", "biomedlm-2.7b.yaml"),
+                 "--gpus", 8, "--gpu", "h100", "--micro-batch-size", 32, check=0)
+    assert "the config's layout: TP1, PP1, DP8, micro-batch 32, recompute selective, FSDP2 (optimizer)" in r.stdout
+    assert "does NOT fit in 76.6 GiB" in r.stdout  # 85 GiB of activations alone
+    table = r.stdout.split("fastest first")[1]
+    first = table.splitlines()[3]
+    assert first.startswith("| 1 | 1 | 8 | 8 | none | none |"), table  # DDP at micro-batch 8: 66 GiB
+    r = run_tool("plan_run", "--gpus", 1, "--gpu", "h200", "--micro-batch-size", 8, "--global-batch-size", 64,
+                 "--bf16", "--train-iters", 1000, check=0)
+    # 65.5M tokens at the 31,000 tokens/s measured on an H200: 0.59 h
+    assert "fits in 136.8 GiB" in r.stdout and "1,000 iterations (0.1B tokens): 0.6 h, 1 GPU-hours" in r.stdout
+    r = run_tool("plan_run", "--gpus", 6, "--tensor-model-parallel-size", 4, check=2)
+    assert r.stderr.strip() == ("error: --gpus 6: not divisible by tensor x pipeline parallel size 4 x 1; "
+                                "give a multiple of 4 or change the layout")
+    r = run_tool("plan_run", "--gpus", 8, "--no-such-flag", 1, check=2)
+    assert "--no-such-flag" in r.stderr and len(r.stderr.strip().splitlines()) == 1
