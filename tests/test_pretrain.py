@@ -200,12 +200,26 @@ def test_split_without_documents_is_refused(dataset, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(dataset, tmp_path, precision):
+    """fp16: autocast with loss scaling. bf16: bf16 parameters with fp32 main weights, here with
+    --compile too; a resume from the checkpoint of iteration 6 (fp32 main weights in, bf16 copies
+    made from them) continues with the very same losses."""
     extra = {precision: True}
     if precision == "fp16":
         extra["initial-loss-scale"] = 2 ** 12
-    train(1, base_args(dataset, tmp_path, iters=12, **extra))
+    else:
+        extra.update({"compile": True, "save-interval": 6})
+    out = train(1, base_args(dataset, tmp_path, iters=12, save=tmp_path / "ckpt", **extra))
     loss = scalars(tmp_path / "tb", "train/loss")
     assert loss[12] < loss[1] - 0.3, loss
+    if precision == "bf16":
+        assert "warning: --compile" not in out
+        import shutil
+        run = tmp_path / "run"
+        shutil.copytree(tmp_path / "ckpt" / "iter_0000006", run / "ckpt" / "iter_0000006")
+        (run / "ckpt" / "latest_checkpointed_iteration.txt").write_text("6\n")
+        train(1, base_args(dataset, run, iters=12, save=run / "ckpt", load=run / "ckpt", **extra))
+        resumed = scalars(run / "tb", "train/loss")
+        assert [resumed[i] for i in range(7, 13)] == [loss[i] for i in range(7, 13)]
 
 
 def test_yaml_config_and_flag_overrides(tmp_path, trained_tokenizer):
@@ -261,3 +275,11 @@ def test_unused_empty_split_is_skipped(dataset, tmp_path):
     is asked of it, and training runs (megatron-core alone would loop forever building it)."""
     out = train(1, base_args(dataset, tmp_path, iters=2, split="949,50,1"))
     assert "iteration        2/" in out
+
+
+def test_compile_falls_back_with_a_warning_where_inductor_cannot_run(dataset, tmp_path):
+    env = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    out = train(1, base_args(dataset, tmp_path, iters=2, compile=True), env=env)
+    assert ("warning: --compile: torch.compile cannot run here (InductorError: InvalidCxxCompiler: No working "
+            "C++ compiler found") in out
+    assert "training without it" in out and "iteration        2/       2" in out

@@ -108,6 +108,27 @@ class Trainer:
         self.metrics = Metrics(args.tensorboard_dir, self.rank, yaml.safe_dump(_plain(config)))
         self.flops_per_token = flops_per_token(self.model_config, self.parallel.tensor_model_parallel_size)
         self.peak = peak_tflops(args, self.device)
+        self._report_memory_plan()
+
+    def _report_memory_plan(self):
+        """The planner's peak memory for this layout, and a warning before an out-of-memory."""
+        if self.device.type != "cuda":
+            return
+        from megatron_biomed import planner as P
+        p, a = self.parallel, self.args
+        lay = P.Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=self.dp,
+                       sequence_parallel=p.sequence_parallel, vpp=p.num_layers_per_virtual_pipeline_stage,
+                       schedule=p.pipeline_schedule, sharding=p.data_parallel_sharding,
+                       micro_batch_size=p.micro_batch_size, global_batch_size=self.gbs,
+                       recompute=self.model_config.recompute_granularity,
+                       precision="bf16" if a.bf16 else "fp16" if a.fp16 else "fp32")
+        need = P.gib(sum(P.memory(self.model_config, lay).values()))
+        have = torch.cuda.get_device_properties(self.device).total_memory / P.GIB
+        print0(f"memory plan: {need:.1f} GiB per GPU predicted of {have:.1f} GiB (tools/plan_run.py)")
+        if need > have - P.RESERVED_GIB:
+            print0(f"warning: this layout is predicted to need {need:.1f} GiB per GPU, more than the "
+                   f"{have:.1f} GiB there; expect an out-of-memory error: lower --micro-batch-size or use "
+                   f"--recompute-granularity full (python tools/plan_run.py --gpus {self.world} lists layouts that fit)")
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint_model_config(self):
