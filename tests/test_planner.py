@@ -61,7 +61,7 @@ def test_time_of_the_published_biomedlm_run():
 def test_plan_run_command(tmp_path):
     r = run_tool("plan_run", "--config", os.path.join(ROOT, "examples", "configs", "biomedlm-2.7b.yaml"),
                  "--gpus", 8, "--gpu", "h100", "--micro-batch-size", 32, check=0)
-    assert "the config's layout: TP1, PP1, DP8, micro-batch 32, recompute selective, FSDP2 (optimizer)" in r.stdout
+    assert "the config's layout: TP1, PP1, DP8, micro-batch 32, recompute none, FSDP2 (optimizer)" in r.stdout
     assert "does NOT fit in 76.6 GiB" in r.stdout  # 85 GiB of activations alone
     table = r.stdout.split("fastest first")[1]
     first = table.splitlines()[3]
