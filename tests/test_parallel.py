@@ -1,9 +1,11 @@
 """Every (tp, pp, dp) layout of 1, 2 and 4 processes takes the same training step as one process.
 
-Each layout runs as real processes (torchrun, gloo); loss, gradient norm and all updated weights
-must equal a plain single-process PyTorch step within 1e-5 (fp32, dropout off).
+Each layout runs as real processes (one per rank, gloo; the 4-process layouts one after another in
+one launch); loss, gradient norm and all updated weights must equal a plain single-process
+PyTorch step within 1e-5 (fp32, dropout off).
 """
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -68,11 +70,7 @@ def run_layout(tmp_path, nproc, *args, env=None):
                 q.kill()
             raise
     assert all(p.returncode == 0 for p in procs), "\n---\n".join(o[-4000:] for o in outs)
-    results = [torch.load(f, weights_only=True) for f in sorted(glob.glob(str(tmp_path / "pp*.pt")))]
-    state = {}
-    for res in results:
-        state.update(res["state"])
-    return results[0]["loss"].item(), results[0]["grad_norm"].item(), state, results
+    return _results(tmp_path) if "--many" not in args else None
 
 
 # (world size, flags): every tp x pp x dp in {1,2,4} with product <= 4, SP on/off, 1F1B/interleaved.
@@ -102,13 +100,34 @@ PARAMS = [pytest.param(x, id=layout_id(x), marks=[pytest.mark.slow] if x[0] == 4
           for x in LAYOUTS]
 
 
+def _results(directory):
+    results = [torch.load(f, weights_only=True) for f in sorted(glob.glob(str(directory / "pp*.pt")))]
+    state = {}
+    for res in results:
+        state.update(res["state"])
+    return results[0]["loss"].item(), results[0]["grad_norm"].item(), state, results
+
+
+@pytest.fixture(scope="module")
+def four_process_layouts(tmp_path_factory):
+    """Every 4-process layout of the matrix in one launch of 4 processes (one process start
+    instead of one per layout): {flags as a tuple: results}."""
+    layouts = [flags for n, flags in LAYOUTS if n == 4]
+    out = tmp_path_factory.mktemp("n4")
+    run_layout(out, 4, "--many", json.dumps(layouts))
+    return {tuple(map(str, flags)): _results(out / str(i)) for i, flags in enumerate(layouts)}
+
+
 @pytest.mark.parametrize("layout", PARAMS)
-def test_layout_equals_single_process(tmp_path, layout):
+def test_layout_equals_single_process(tmp_path, layout, request):
     nproc, flags = layout
     if "ref" not in _REFERENCE:
         _REFERENCE["ref"] = reference_step()
     ref_loss, ref_norm, ref_state = _REFERENCE["ref"]
-    loss, norm, state, results = run_layout(tmp_path, nproc, *flags)
+    if nproc == 4:
+        loss, norm, state, results = request.getfixturevalue("four_process_layouts")[tuple(map(str, flags))]
+    else:
+        loss, norm, state, results = run_layout(tmp_path, nproc, *flags)
     assert abs(loss - ref_loss) < 1e-5
     assert abs(norm - ref_norm) < 1e-5 * max(1.0, ref_norm)
     tied_head = state.pop("lm_head.weight", None)

@@ -54,9 +54,7 @@ class CoreAttention(nn.Module):
             self.scale /= layer_idx + 1
         self.selective_recompute = config.recompute_granularity == "selective"
 
-    # Left out of --compile's graphs: the kernel is a library call either way, and compiling it
-    # would specialise on this layer's scale and recompile for every layer.
-    @torch.compiler.disable
+    # --compile keeps this out of its graphs (parallel/parallelize.py: compile_blocks)
     def forward(self, q, k, v):  # (B, T, heads, head_dim) each
         if self.selective_recompute and self.training:
             return checkpoint(self._attend, q, k, v, use_reentrant=False)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from megatron_biomed.model.gpt import GPT
+from megatron_biomed.model.gpt import GPT, CoreAttention
 from megatron_biomed.parallel import pipeline
 from megatron_biomed.parallel.tensor_parallel import (apply_tensor_parallel, lm_loss,
                                                       tensor_parallel_dropout_rng)
@@ -48,6 +48,13 @@ def compile_blocks(modules, tensor_parallel=False):
         # gradient norm off by 6%; tests/test_parallel.py); compile those afresh every run.
         from torch._functorch import config as functorch_config
         functorch_config.enable_autograd_cache = False
+    # The attention kernel is a library call either way, and tracing it would specialise on each
+    # layer's score scale (BioMedLM divides by layer index + 1): one recompilation per layer,
+    # and dynamo gives up after 8. Patched here, not decorated in the model file, because
+    # importing torch._dynamo costs every process a second.
+    if not getattr(CoreAttention.forward, "_outside_compile", False):
+        CoreAttention.forward = torch.compiler.disable(CoreAttention.forward)
+        CoreAttention.forward._outside_compile = True
     for m in modules:
         for block in (m.h.values() if isinstance(m.h, torch.nn.ModuleDict) else m.h):
             block.forward = torch.compile(block.forward)

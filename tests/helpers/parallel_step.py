@@ -4,6 +4,7 @@ Writes, from the tp=0/dp=0 rank of each pipeline rank, the updated full weights 
 plus the loss and gradient norm, for the test to compare with a single-process step.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -26,7 +27,7 @@ def tiny_config(**kw):
     return preset("tiny-8l", hidden_dropout=0.0, attention_dropout=0.0, **kw)
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -41,8 +42,13 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 main weights")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", required=True)
-    args = p.parse_args()
-    device = M.init_distributed("gloo")
+    p.add_argument("--many", default=None,
+                   help="a JSON list of flag lists: run each layout in turn in this process group, its "
+                        "results under --out/<index>/ (saves a process start per layout)")
+    return p
+
+
+def run_one(args, device):
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               sequence_parallel=args.sp, num_layers_per_virtual_pipeline_stage=args.vpp,
                               pipeline_schedule=args.schedule, data_parallel_sharding=args.sharding,
@@ -53,7 +59,6 @@ def main():
     except LayoutError as e:
         if torch.distributed.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
-        M.destroy()
         return 2
     mesh = M.build_mesh(parallel)
     model = ParallelGPT(config, parallel, mesh, device, param_dtype=torch.bfloat16 if args.bf16 else None,
@@ -63,11 +68,27 @@ def main():
     opt = torch.optim.SGD(list(model.parameters()), lr=1.0)
     loss, norm = model.train_step(model.data_slice(tokens), model.data_slice(targets), opt, clip_grad=1.0)
     state = model.full_state_dict()
+    os.makedirs(args.out, exist_ok=True)
     if mesh["tp"].get_local_rank() == 0 and mesh["dp"].get_local_rank() == 0:
         torch.save({"loss": loss, "grad_norm": norm, "state": state},
                    os.path.join(args.out, f"pp{mesh['pp'].get_local_rank()}.pt"))
-    M.destroy()
+    torch.distributed.barrier()
     return 0
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    device = M.init_distributed("gloo")
+    if args.many is None:
+        code = run_one(args, device)
+    else:
+        code = 0
+        for i, flags in enumerate(json.loads(args.many)):
+            code = max(code, run_one(parser.parse_args([*map(str, flags), "--out", os.path.join(args.out, str(i))]),
+                                     device))
+    M.destroy()
+    return code
 
 
 if __name__ == "__main__":
