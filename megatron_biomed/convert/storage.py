@@ -100,17 +100,19 @@ class DCPReader:
 
 
 class Prefetch:
-    """Produces the tensors of `keys`, in that order, one ahead of the writer on a background
-    thread: reading and converting the next tensor (file reads and torch ops release the GIL)
-    overlaps writing this one. At most two produced tensors wait at a time."""
+    """Produces the tensors of `keys`, in that order, ahead of the writer on background threads:
+    reading and converting the next tensors (file reads and torch ops release the GIL) overlaps
+    writing this one. Two threads where there are two cores, since converting (the transposes)
+    takes as long as writing; at most `threads + 1` produced tensors wait at a time."""
 
-    def __init__(self, keys, produce):
+    def __init__(self, keys, produce, threads=None):
         self._keys, self._produce, self._next = list(keys), produce, 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._threads = threads or min(2, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefetch")
         self._pending = {}
 
     def _fill(self):
-        while len(self._pending) < 2 and self._next < len(self._keys):
+        while len(self._pending) < self._threads + 1 and self._next < len(self._keys):
             key = self._keys[self._next]
             self._next += 1
             self._pending[key] = self._pool.submit(self._produce, key)

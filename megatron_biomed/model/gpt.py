@@ -171,7 +171,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.lm_head = nn.Linear(config.hidden_size, self.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embedding
-        self.reset_parameters()
+        if self.wte.weight.device.type != "meta":  # shapes only (converters): nothing to initialise
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
