@@ -58,20 +58,33 @@ def test_time_of_the_published_biomedlm_run():
     assert P.gib(sum(P.memory(cfg, lay).values())) < 40 - P.RESERVED_GIB  # it fit on A100-40GB
 
 
-def test_plan_run_command(tmp_path):
-    r = run_tool("plan_run", "--config", os.path.join(ROOT, "examples", "configs", "biomedlm-2.7b.yaml"),
-                 "--gpus", 8, "--gpu", "h100", "--micro-batch-size", 32, check=0)
-    assert "the config's layout: TP1, PP1, DP8, micro-batch 32, recompute none, FSDP2 (optimizer)" in r.stdout
-    assert "does NOT fit in 76.6 GiB" in r.stdout  # 85 GiB of activations alone
-    table = r.stdout.split("fastest first")[1]
+def _plan_run(capsys, *args):
+    """tools/plan_run.py's main, in this process: (exit code, stdout, stderr)."""
+    code = P.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_run_command(capsys):
+    code, out, _ = _plan_run(capsys, "--config", os.path.join(ROOT, "examples", "configs", "biomedlm-2.7b.yaml"),
+                             "--gpus", 8, "--gpu", "h100", "--micro-batch-size", 32)
+    assert code == 0
+    assert "the config's layout: TP1, PP1, DP8, micro-batch 32, recompute none, FSDP2 (optimizer)" in out
+    assert "does NOT fit in 76.6 GiB" in out  # 85 GiB of activations alone
+    table = out.split("fastest first")[1]
     first = table.splitlines()[3]
     assert first.startswith("| 1 | 1 | 8 | 8 | none | none |"), table  # DDP at micro-batch 8: 66 GiB
-    r = run_tool("plan_run", "--gpus", 1, "--gpu", "h200", "--micro-batch-size", 8, "--global-batch-size", 64,
-                 "--bf16", "--train-iters", 1000, check=0)
+    code, out, _ = _plan_run(capsys, "--gpus", 1, "--gpu", "h200", "--micro-batch-size", 8, "--global-batch-size",
+                             64, "--bf16", "--train-iters", 1000)
     # 65.5M tokens at the 31,000 tokens/s measured on an H200: 0.59 h
-    assert "fits in 136.8 GiB" in r.stdout and "1,000 iterations (0.1B tokens): 0.6 h, 1 GPU-hours" in r.stdout
-    r = run_tool("plan_run", "--gpus", 6, "--tensor-model-parallel-size", 4, check=2)
-    assert r.stderr.strip() == ("error: --gpus 6: not divisible by tensor x pipeline parallel size 4 x 1; "
-                                "give a multiple of 4 or change the layout")
-    r = run_tool("plan_run", "--gpus", 8, "--no-such-flag", 1, check=2)
-    assert "--no-such-flag" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert code == 0 and "fits in 136.8 GiB" in out and "1,000 iterations (0.1B tokens): 0.6 h, 1 GPU-hours" in out
+    code, _, err = _plan_run(capsys, "--gpus", 6, "--tensor-model-parallel-size", 4)
+    assert code == 2 and err.strip() == ("error: --gpus 6: not divisible by tensor x pipeline parallel size 4 x 1; "
+                                         "give a multiple of 4 or change the layout")
+    code, _, err = _plan_run(capsys, "--gpus", 8, "--no-such-flag", 1)
+    assert code == 2 and "--no-such-flag" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_run_script_runs():
+    r = run_tool("plan_run", "--gpus", 128, "--gpu", "a100-40gb", "--mfu", 0.23, check=0)
+    assert "layouts that fit, fastest first" in r.stdout

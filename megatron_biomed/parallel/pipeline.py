@@ -1,6 +1,5 @@
 """Pipeline parallelism: split the GPT into stages by layer count, run torch's schedules."""
 import torch.nn as nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from megatron_biomed.model.gpt import GPT
 
@@ -37,6 +36,8 @@ class GPTStage(nn.Module):
 
 
 def build_schedule(stage_modules, stage_ids, num_stages, device, pp_group, n_microbatches, loss_fn, name):
+    # imported here: half a second that runs without pipeline parallelism need not pay
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     stages = [PipelineStage(m, i, num_stages, device, group=pp_group) for m, i in zip(stage_modules, stage_ids)]
     if len(stages) > 1:
         return ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
