@@ -1,7 +1,7 @@
 """Every (tp, pp, dp) layout of 1, 2 and 4 processes takes the same training step as one process.
 
-Each layout runs as real processes (one per rank, gloo; the 4-process layouts one after another in
-one launch); loss, gradient norm and all updated weights must equal a plain single-process
+Each layout runs as real processes (one per rank, gloo; the layouts of one process count one after
+another in one launch); loss, gradient norm and all updated weights must equal a plain single-process
 PyTorch step within 1e-5 (fp32, dropout off).
 """
 import glob
@@ -109,13 +109,20 @@ def _results(directory):
 
 
 @pytest.fixture(scope="module")
-def four_process_layouts(tmp_path_factory):
-    """Every 4-process layout of the matrix in one launch of 4 processes (one process start
-    instead of one per layout): {flags as a tuple: results}."""
-    layouts = [flags for n, flags in LAYOUTS if n == 4]
-    out = tmp_path_factory.mktemp("n4")
-    run_layout(out, 4, "--many", json.dumps(layouts))
-    return {tuple(map(str, flags)): _results(out / str(i)) for i, flags in enumerate(layouts)}
+def launched(tmp_path_factory):
+    """get(layouts, nproc, flags): the results of one layout, run with every layout of `layouts`
+    of that process count in one launch (one process start instead of one per layout)."""
+    done = {}
+
+    def get(layouts, nproc, flags):
+        key = (id(layouts), nproc)
+        if key not in done:
+            group = [f for n, f in layouts if n == nproc]
+            out = tmp_path_factory.mktemp(f"n{nproc}")
+            run_layout(out, nproc, "--many", json.dumps(group))
+            done[key] = {tuple(map(str, f)): _results(out / str(i)) for i, f in enumerate(group)}
+        return done[key][tuple(map(str, flags))]
+    return get
 
 
 @pytest.mark.parametrize("layout", PARAMS)
@@ -124,8 +131,8 @@ def test_layout_equals_single_process(tmp_path, layout, request):
     if "ref" not in _REFERENCE:
         _REFERENCE["ref"] = reference_step()
     ref_loss, ref_norm, ref_state = _REFERENCE["ref"]
-    if nproc == 4:
-        loss, norm, state, results = request.getfixturevalue("four_process_layouts")[tuple(map(str, flags))]
+    if nproc > 1:
+        loss, norm, state, results = request.getfixturevalue("launched")(LAYOUTS, nproc, flags)
     else:
         loss, norm, state, results = run_layout(tmp_path, nproc, *flags)
     assert abs(loss - ref_loss) < 1e-5
@@ -150,12 +157,12 @@ FAST_PATH = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [pytest.param(x, id=layout_id(x)) for x in FAST_PATH])
-def test_fast_path_equals_single_process(tmp_path, layout):
+def test_fast_path_equals_single_process(tmp_path, layout, launched):
     nproc, flags = layout
     if "ref" not in _REFERENCE:
         _REFERENCE["ref"] = reference_step()
     ref_loss, ref_norm, ref_state = _REFERENCE["ref"]
-    loss, norm, state, _ = run_layout(tmp_path, nproc, *flags)
+    loss, norm, state, _ = launched(FAST_PATH, nproc, flags) if nproc > 1 else run_layout(tmp_path, nproc, *flags)
     if flags == ["--tp", 2, "--sp", "--compile"]:
         # again, compiled graphs now in the cache: AOTAutograd's cache once gave wrong gradients here
         (tmp_path / "warm").mkdir()
