@@ -59,6 +59,60 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, top
     return out, "length"
 
 
+@torch.no_grad()
+def generate_batch(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, eos_id=None,
+                   generator=None):
+    """Continue several prompts (lists of token ids) at once: left-padded into one batch with
+    one KV cache, each row's positions counted from its own first token and its padding masked
+    out of attention. A row stops at eos_id, after max_new_tokens, or when its positions run out,
+    as generate() stops; the others go on. Returns [(new ids, finish reason)] in order. Greedy
+    decoding gives generate()'s tokens, row for row."""
+    cfg = model.config
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+        if len(ids) >= cfg.seq_length:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; the model has {cfg.seq_length} positions")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    lengths = torch.tensor([len(ids) for ids in prompts], device=device)
+    width = int(lengths.max())
+    pad = width - lengths
+    # as generate(): the last position still predicts one token
+    steps = min(max_new_tokens, cfg.seq_length - int(lengths.min()) + 1)
+    cache = KVCache(cfg, len(prompts), width + max(steps - 1, 0), device, dtype, padding=int(pad.max()))
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, ids in enumerate(prompts):
+        tokens[i, width - len(ids):] = torch.tensor(ids, device=device)
+    columns = torch.arange(width, device=device)
+    key_mask = columns[None, :] >= pad[:, None]
+    positions = (columns[None, :] - pad[:, None]).clamp(min=0)
+    logits = model(tokens, cache=cache, positions=positions, key_mask=key_mask)[:, -1, :cfg.vocab_size]
+    out, reasons = [[] for _ in prompts], [None] * len(prompts)
+    next_position = lengths.clone()
+    for _ in range(steps):
+        step = []
+        for i in range(len(prompts)):
+            if reasons[i] is None:
+                token = next_token(logits[i], temperature, top_k, top_p, generator)
+                out[i].append(token)
+                if token == eos_id:
+                    reasons[i] = "eos"
+                elif len(out[i]) == max_new_tokens:
+                    reasons[i] = "length"
+                elif len(prompts[i]) + len(out[i]) > cfg.seq_length:
+                    reasons[i] = "context"
+            step.append(out[i][-1])
+        if all(reasons):
+            break
+        key_mask = torch.cat([key_mask, key_mask.new_ones(len(prompts), 1)], 1)
+        logits = model(torch.tensor(step, device=device)[:, None], cache=cache,
+                       positions=next_position.clamp(max=cfg.seq_length - 1)[:, None],
+                       key_mask=key_mask)[:, -1, :cfg.vocab_size]
+        next_position += 1
+    return [(ids, reason or "length") for ids, reason in zip(out, reasons)]
+
+
 # -- tools/generate.py -------------------------------------------------------------------------
 def build_parser():
     import argparse
@@ -71,6 +125,12 @@ def build_parser():
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--input", default=None, help="JSONL file of prompts")
     p.add_argument("--prompt-key", default="prompt", help="the field of --input records holding the prompt")
+    p.add_argument("--prompt-template", default=None,
+                   help="build each prompt from the record's fields, e.g. 'Question: {question}\\nAnswer:' "
+                        "(instead of --prompt-key)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts generated at once (left-padded, one KV cache); greedy output is the same as "
+                        "one at a time")
     p.add_argument("--output", default="-", help="JSONL output file (default: standard output)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default when --temperature is 0)")
@@ -87,14 +147,25 @@ def build_parser():
 
 
 def _prompts(args):
+    """(record, prompt text) pairs from --prompt and --input."""
     from megatron_biomed.utils import iter_json_objects
     for text in args.prompt:
-        yield {args.prompt_key: text}
+        yield {args.prompt_key: text}, text
     if args.input:
         for line_no, record in iter_json_objects(args.input):
-            if not isinstance(record.get(args.prompt_key), str):
+            if args.prompt_template is not None:
+                try:
+                    text = args.prompt_template.replace("\\n", "\n").format(**record)
+                except KeyError as e:
+                    raise ValueError(f"{args.input}:{line_no}: no field {e.args[0]!r} for --prompt-template") from None
+                except (IndexError, ValueError) as e:
+                    raise ValueError(f"--prompt-template {args.prompt_template!r}: {e}; name the fields, "
+                                     f"e.g. {{question}}") from None
+            elif isinstance(record.get(args.prompt_key), str):
+                text = record[args.prompt_key]
+            else:
                 raise ValueError(f"{args.input}:{line_no}: no string field {args.prompt_key!r}")
-            yield record
+            yield record, text
 
 
 def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge_file=None, iteration=None):
@@ -151,21 +222,31 @@ def main(argv=None):
         eos = None if args.no_stop_at_eos else tok.token_to_id(EOD_TOKEN)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         temperature = 0.0 if args.greedy else args.temperature
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: give 1 or more")
         records = list(_prompts(args))
         out = sys.stdout if args.output == "-" else None
         with (atomic_output(args.output, "w", encoding="utf-8") if out is None else contextlib.nullcontext(out)) as f:
-            for record in records:
-                ids = tok.encode(record[args.prompt_key]).ids
-                if len(ids) >= model.config.seq_length:  # keep the end: it is what gets continued
-                    print(f"warning: prompt of {len(ids)} tokens cut to its last {model.config.seq_length - 1}",
-                          file=sys.stderr)
-                    ids = ids[-(model.config.seq_length - 1):]
-                new, reason = generate(model, ids, args.max_new_tokens, temperature, args.top_k, args.top_p,
-                                       eos, generator)
-                text = tok.decode(new[:-1] if reason == "eos" else new)
-                f.write(json.dumps(dict(record, completion=text, prompt_tokens=len(ids),
-                                        completion_tokens=len(new), finish_reason=reason),
-                                   ensure_ascii=False) + "\n")
+            for start in range(0, len(records), args.batch_size):
+                batch, prompts = records[start:start + args.batch_size], []
+                for _, text in batch:
+                    ids = tok.encode(text).ids
+                    if len(ids) >= model.config.seq_length:  # keep the end: it is what gets continued
+                        print(f"warning: prompt of {len(ids)} tokens cut to its last {model.config.seq_length - 1}",
+                              file=sys.stderr)
+                        ids = ids[-(model.config.seq_length - 1):]
+                    prompts.append(ids)
+                if len(prompts) == 1:
+                    results = [generate(model, prompts[0], args.max_new_tokens, temperature, args.top_k, args.top_p,
+                                        eos, generator)]
+                else:
+                    results = generate_batch(model, prompts, args.max_new_tokens, temperature, args.top_k,
+                                             args.top_p, eos, generator)
+                for (record, _), ids, (new, reason) in zip(batch, prompts, results):
+                    text = tok.decode(new[:-1] if reason == "eos" else new)
+                    f.write(json.dumps(dict(record, completion=text, prompt_tokens=len(ids),
+                                            completion_tokens=len(new), finish_reason=reason),
+                                       ensure_ascii=False) + "\n")
                 f.flush()
     except (CheckpointFormatError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

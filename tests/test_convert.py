@@ -376,6 +376,14 @@ def test_generate_greedy_equals_transformers(tmp_path, trained_tokenizer):
         assert [r["completion"] for r in rows] == expected
         assert [r.get("id") for r in rows] == [None, 0, 1]
         assert all(r["completion_tokens"] <= 24 and r["finish_reason"] in ("eos", "length") for r in rows)
+    # all three in one batch (left-padded, one KV cache), prompts built by --prompt-template
+    write_jsonl(tmp_path / "topics.jsonl", [{"id": i, "topic": p} for i, p in enumerate(prompts)])
+    out = tmp_path / "batched.jsonl"
+    generate_tool("--load", src, "--input", tmp_path / "topics.jsonl", "--prompt-template", "{topic}",
+                  "--batch-size", 3, "--output", out, "--max-new-tokens", 24, "--greedy")
+    rows = read_jsonl(out)
+    assert [r["completion"] for r in rows] == expected
+    assert [(r["id"], r["topic"]) for r in rows] == list(enumerate(prompts))
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tmp_path, trained_tokenizer):

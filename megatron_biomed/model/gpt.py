@@ -55,10 +55,10 @@ class CoreAttention(nn.Module):
         self.selective_recompute = config.recompute_granularity == "selective"
 
     # --compile keeps this out of its graphs (parallel/parallelize.py: compile_blocks)
-    def forward(self, q, k, v):  # (B, T, heads, head_dim) each
+    def forward(self, q, k, v, mask=None):  # (B, T, heads, head_dim) each; mask (B, T, S) or None
         if self.selective_recompute and self.training:
-            return checkpoint(self._attend, q, k, v, use_reentrant=False)
-        return self._attend(q, k, v)
+            return checkpoint(self._attend, q, k, v, mask, use_reentrant=False)
+        return self._attend(q, k, v, mask)
 
     def resolved_backend(self, q):
         """flash-attn, an SDPA kernel list, or sdpa/math."""
@@ -71,25 +71,33 @@ class CoreAttention(nn.Module):
             return self.backend
         return "math" if self.backend == "math" else "sdpa"
 
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, mask=None):
+        """`mask`: which keys each query sees (batched generation's padding), given in full:
+        the causal part included."""
         p = self.dropout if self.training else 0.0
         backend = self.resolved_backend(q)
         T, S = q.shape[1], k.shape[1]  # S > T when decoding with a KV cache
+        if mask is not None and backend == "flash-attn":
+            backend = "sdpa"  # flash-attn takes no mask
         if backend == "flash-attn":
             # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs
             return flash_attn_func(q, k, v, dropout_p=p, softmax_scale=self.scale, causal=True)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         # query i sits at position S - T + i and sees keys 0..S - T + i
-        mask = None if T == S or T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        given = mask is not None
+        if given:
+            mask = mask.unsqueeze(1)  # (B, 1, T, S): the same for every head
+        elif T != S and T != 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if backend != "math":
             pinned = backend in SDPA_KERNELS and mask is None  # the pinned kernels take no mask
             with sdpa_kernel(SDPA_KERNELS[backend], set_priority=True) if pinned else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                   is_causal=T == S and T > 1, scale=self.scale)
+                                                   is_causal=T == S and T > 1 and not given, scale=self.scale)
         else:  # math: the reference, softmax in fp32
             att = (q @ k.transpose(-2, -1)).float() * self.scale
-            causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-            att = att.masked_fill(~causal, float("-inf")).softmax(-1).to(q.dtype)
+            visible = mask if given else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            att = att.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype)
             y = F.dropout(att, p, self.training) @ v
         return y.transpose(1, 2)
 
@@ -104,13 +112,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.hidden_dropout)
         self.layer_idx = layer_idx
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism this rank computes only its own heads.
         q, k, v = self.c_attn(x).view(B, T, -1, 3, self.head_dim).unbind(3)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = self.core(q, k, v).reshape(B, T, -1)
+        y = (self.core(q, k, v) if mask is None else self.core(q, k, v, mask)).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -136,16 +144,17 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache=cache)
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache=cache, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class KVCache:
     """Keys and values of the positions already seen, for generation one token at a time."""
 
-    def __init__(self, config, batch_size, max_length, device=None, dtype=torch.float32):
-        if max_length > config.seq_length:
+    def __init__(self, config, batch_size, max_length, device=None, dtype=torch.float32, padding=0):
+        """`padding`: columns of left padding (batched generation), beyond the model's positions."""
+        if max_length > config.seq_length + padding:
             raise ValueError(f"{max_length} tokens do not fit the model's {config.seq_length} positions")
         shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
@@ -188,17 +197,20 @@ class GPT(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def embed(self, tokens, start=0):
-        T = start + tokens.shape[1]
-        if T > self.config.seq_length:
-            raise ValueError(f"sequence of {T} tokens is longer than --seq-length {self.config.seq_length}")
-        positions = torch.arange(start, T, device=tokens.device).unsqueeze(0)
+    def embed(self, tokens, start=0, positions=None):
+        if positions is None:
+            T = start + tokens.shape[1]
+            if T > self.config.seq_length:
+                raise ValueError(f"sequence of {T} tokens is longer than --seq-length {self.config.seq_length}")
+            positions = torch.arange(start, T, device=tokens.device).unsqueeze(0)
         return self.drop(self.wte(tokens) + self.wpe(positions))
 
-    def blocks(self, x, layers=None, cache=None):
+    def blocks(self, x, layers=None, cache=None, mask=None):
         for block in (self.h if layers is None else layers):
             if self.config.recompute_granularity == "full" and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
+            elif mask is not None:
+                x = block(x, cache=cache, mask=mask)
             else:
                 x = block(x, cache=cache)
         return x
@@ -207,11 +219,20 @@ class GPT(nn.Module):
         """Logits over the padded vocabulary (the loss leaves the padding out)."""
         return self.lm_head(self.ln_f(x))
 
-    def forward(self, tokens, targets=None, cache=None):
+    def forward(self, tokens, targets=None, cache=None, positions=None, key_mask=None):
         """Logits, padded columns at -inf (or the mean loss, given targets); with a KVCache,
-        `tokens` continue the cached ones."""
+        `tokens` continue the cached ones. Batched generation of left-padded rows gives each
+        row's `positions` (B, T) and `key_mask` (B, cached + T): False for padding, which no
+        real token attends to."""
         start = cache.length if cache is not None else 0
-        logits = self.head(self.blocks(self.embed(tokens, start), cache=cache))
+        mask = None
+        if key_mask is not None:
+            T, S = tokens.shape[1], key_mask.shape[1]
+            causal = torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(S - T)
+            # a padding query sees the (finite) padding before it, so that no row is all -inf
+            query_is_padding = ~key_mask[:, S - T:]
+            mask = causal & (key_mask[:, None, :] | query_is_padding[:, :, None])
+        logits = self.head(self.blocks(self.embed(tokens, start, positions), cache=cache, mask=mask))
         if cache is not None:
             cache.length += tokens.shape[1]
         if targets is None:
