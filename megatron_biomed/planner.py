@@ -18,7 +18,11 @@ memory measured on CPU in the tests and on an H100/H200, README "GPU speed"):
   loss      the last stage's logits and their gradient (vocab / tp columns) and the chunked
             cross entropy's fp32 chunks.
 """
+import dataclasses
 from dataclasses import dataclass
+
+from megatron_biomed.errors import entry_point
+from megatron_biomed.model.loss import CHUNK_ELEMENTS
 
 GIB = 2 ** 30
 
@@ -30,7 +34,6 @@ GPUS = {
 }
 # Outside torch's allocator: CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, fragmentation.
 RESERVED_GIB = 3.0
-CHUNK_BYTES = 4 * (1 << 25)  # model/loss.py: fp32 elements upcast at once
 
 
 @dataclass
@@ -50,6 +53,20 @@ class Layout:
     @property
     def num_microbatches(self):
         return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @classmethod
+    def of(cls, parallel, dp, global_batch_size, recompute, precision):
+        """The layout of a run's ParallelConfig (config.py) with `dp` data-parallel ranks."""
+        return cls(tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size, dp=dp,
+                   sequence_parallel=parallel.sequence_parallel, vpp=parallel.num_layers_per_virtual_pipeline_stage,
+                   schedule=parallel.pipeline_schedule, sharding=parallel.data_parallel_sharding,
+                   micro_batch_size=parallel.micro_batch_size, global_batch_size=global_batch_size,
+                   recompute=recompute, precision=precision)
+
+
+def precision_of(args):
+    """pretrain_gpt's --bf16 / --fp16 as the planner's precision."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
 def layer_params(cfg, tp):
@@ -131,7 +148,7 @@ def memory(cfg, lay):
         if lay.recompute == "full":
             sp = lay.tp if lay.sequence_parallel else 1
             act = layers * inflight * tokens * cfg.hidden_size * e // sp + layer_activation_bytes(
-                cfg, Layout(**{**lay.__dict__, "recompute": None}), tokens)
+                cfg, dataclasses.replace(lay, recompute=None), tokens)
         else:
             act = layers * inflight * layer_activation_bytes(cfg, lay, tokens)
         if first:
@@ -139,7 +156,7 @@ def memory(cfg, lay):
         out["activations"] = int(act)
         if last:
             logits = tokens * v_cols * e
-            chunk = min(CHUNK_BYTES, tokens * v_cols * 4)
+            chunk = 4 * min(CHUNK_ELEMENTS, tokens * v_cols)
             # logits and their gradient, the fp32 chunk and two temporaries of its size
             out["logits and loss"] = 2 * logits + 3 * chunk + 2 * tokens * cfg.hidden_size * e
         total = sum(out.values())
@@ -238,7 +255,7 @@ def _settings(config, overrides):
 
 
 def plan(args, overrides=()):
-    from megatron_biomed.arguments import model_config
+    from megatron_biomed.arguments import model_config, parallel_config
     from megatron_biomed.config import LayoutError
     from megatron_biomed.model.gpt import flops_per_token
     s = _settings(args.config, list(overrides))
@@ -249,28 +266,24 @@ def plan(args, overrides=()):
     if peak is None:
         raise LayoutError(f"--gpu {args.gpu}: no bf16 peak known; give --peak-tflops for the time estimate")
     mfu = args.mfu or (0.50 if args.gpu in ("h100", "h200", "h100-nvl") else 0.40)
-    precision = "bf16" if s.bf16 else "fp16" if s.fp16 else "fp32"
-    tp, pp = s.tensor_model_parallel_size, s.pipeline_model_parallel_size
+    precision = precision_of(s)
+    parallel = parallel_config(s)
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if args.gpus % (tp * pp):
         raise LayoutError(f"--gpus {args.gpus}: not divisible by tensor x pipeline parallel size {tp} x {pp}; "
                           f"give a multiple of {tp * pp} or change the layout")
-    dp = args.gpus // (tp * pp)
+    parallel.validate(cfg, args.gpus)  # heads, layers and the batch divisible, as training checks them
+    dp = parallel.data_parallel_size(args.gpus)
     gbs = s.global_batch_size or s.micro_batch_size * dp
     iters = s.train_iters
-    n_params = sum(p for p in (stage_params(cfg, Layout(), True, True),))
+    n_params = stage_params(cfg, Layout(), True, True)
     lines = [f"model: {s.model}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {n_params / 1e9:.2f}B parameters, "
              f"{flops_per_token(cfg) / 1e9:.1f} GFLOP per token (seq {cfg.seq_length}); global batch {gbs}; "
              f"{precision}",
              f"GPUs: {args.gpus} x {args.gpu} ({mem_gib:.1f} GiB, {peak:.0f} TFLOP/s dense bf16); expected MFU "
              f"{100 * mfu:.0f}%; {RESERVED_GIB:.0f} GiB per GPU kept for CUDA, NCCL and fragmentation", ""]
     usable = mem_gib - RESERVED_GIB
-    mine = Layout(tp=tp, pp=pp, dp=dp, sequence_parallel=s.sequence_parallel,
-                  vpp=s.num_layers_per_virtual_pipeline_stage, schedule=s.pipeline_schedule,
-                  sharding=s.data_parallel_sharding, micro_batch_size=s.micro_batch_size, global_batch_size=gbs,
-                  recompute=cfg.recompute_granularity, precision=precision)
-    if gbs % (mine.micro_batch_size * dp):
-        raise LayoutError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
-                          f"{mine.micro_batch_size} x data-parallel size {dp}")
+    mine = Layout.of(parallel, dp, gbs, cfg.recompute_granularity, precision)
     parts = memory(cfg, mine)
     total = gib(sum(parts.values()))
     lines.append(f"the config's layout: {_describe(mine)}")
@@ -306,12 +319,8 @@ def plan(args, overrides=()):
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv=None):
-    from megatron_biomed.errors import entry_point
-
-    @entry_point
-    def run(argv=None):
-        args, rest = build_parser().parse_known_args(argv)
-        print(plan(args, rest))
-        return 0
-    return run(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    print(plan(args, rest))
+    return 0

@@ -67,7 +67,7 @@ class CoreAttention(nn.Module):
             return "flash-attn"
         if self.backend == "flash" and not fast:
             raise RuntimeError("--attention-backend flash needs a CUDA GPU and --bf16 or --fp16")
-        if self.backend in ("auto", "flash", "cudnn") and fast and self.backend in SDPA_KERNELS:
+        if fast and self.backend in SDPA_KERNELS:
             return self.backend
         return "math" if self.backend == "math" else "sdpa"
 
@@ -118,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, -1, 3, self.head_dim).unbind(3)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = (self.core(q, k, v) if mask is None else self.core(q, k, v, mask)).reshape(B, T, -1)
+        y = self.core(q, k, v, mask).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -209,10 +209,8 @@ class GPT(nn.Module):
         for block in (self.h if layers is None else layers):
             if self.config.recompute_granularity == "full" and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
-            elif mask is not None:
-                x = block(x, cache=cache, mask=mask)
             else:
-                x = block(x, cache=cache)
+                x = block(x, cache=cache, mask=mask)
         return x
 
     def head(self, x):
@@ -246,11 +244,9 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if exclude_positions else n
 
 
-def mask_padded_vocab(logits, vocab_size, vocab_start=0):
-    """-inf for the padded vocabulary columns of a (possibly sharded) logits block."""
-    cols = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=logits.device)
-    if int(cols[-1]) < vocab_size:
-        return logits
+def mask_padded_vocab(logits, vocab_size):
+    """-inf for the padded vocabulary columns of full (unsharded) logits."""
+    cols = torch.arange(logits.shape[-1], device=logits.device)
     return logits.masked_fill(cols >= vocab_size, float("-inf"))
 
 

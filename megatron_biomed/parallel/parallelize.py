@@ -56,7 +56,7 @@ def compile_blocks(modules, tensor_parallel=False):
         CoreAttention.forward = torch.compiler.disable(CoreAttention.forward)
         CoreAttention.forward._outside_compile = True
     for m in modules:
-        for block in (m.h.values() if isinstance(m.h, torch.nn.ModuleDict) else m.h):
+        for block in pipeline.blocks_of(m):
             block.forward = torch.compile(block.forward)
 
 
@@ -100,7 +100,7 @@ class ParallelGPT:
             reshard = parallel.data_parallel_sharding == "full"
             mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
             for m in self.modules:
-                for block in (m.h.values() if isinstance(m.h, torch.nn.ModuleDict) else m.h):
+                for block in pipeline.blocks_of(m):
                     fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=mp)
                 fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard, mp_policy=mp)
         elif param_dtype is not None:

@@ -4,6 +4,11 @@ import torch.nn as nn
 from megatron_biomed.model.gpt import GPT
 
 
+def blocks_of(module):
+    """The transformer blocks of a GPT (a ModuleList) or of a GPTStage (a ModuleDict)."""
+    return module.h.values() if isinstance(module.h, nn.ModuleDict) else module.h
+
+
 def stage_layers(num_layers, num_stages):
     """Layer indices of each stage: equal contiguous runs."""
     per = num_layers // num_stages

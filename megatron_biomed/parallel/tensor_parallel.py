@@ -11,6 +11,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 
 from megatron_biomed.model.loss import cross_entropy
+from megatron_biomed.parallel.pipeline import blocks_of
 
 
 def _replicate(module, mesh):
@@ -26,7 +27,7 @@ def _replicate(module, mesh):
 def apply_tensor_parallel(module, tp_mesh, sequence_parallel=False):
     """Shard a GPT (or pipeline stage of one) over `tp_mesh` in place."""
     seq = Shard(1) if sequence_parallel else Replicate()
-    for block in module.h.values() if isinstance(module.h, torch.nn.ModuleDict) else module.h:
+    for block in blocks_of(module):
         plan = {
             "attn.c_attn": ColwiseParallel(),
             "attn.c_proj": RowwiseParallel(output_layouts=seq),

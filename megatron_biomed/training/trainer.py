@@ -115,13 +115,8 @@ class Trainer:
         if self.device.type != "cuda":
             return
         from megatron_biomed import planner as P
-        p, a = self.parallel, self.args
-        lay = P.Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=self.dp,
-                       sequence_parallel=p.sequence_parallel, vpp=p.num_layers_per_virtual_pipeline_stage,
-                       schedule=p.pipeline_schedule, sharding=p.data_parallel_sharding,
-                       micro_batch_size=p.micro_batch_size, global_batch_size=self.gbs,
-                       recompute=self.model_config.recompute_granularity,
-                       precision="bf16" if a.bf16 else "fp16" if a.fp16 else "fp32")
+        lay = P.Layout.of(self.parallel, self.dp, self.gbs, self.model_config.recompute_granularity,
+                          P.precision_of(self.args))
         need = P.gib(sum(P.memory(self.model_config, lay).values()))
         have = torch.cuda.get_device_properties(self.device).total_memory / P.GIB
         print0(f"memory plan: {need:.1f} GiB per GPU predicted of {have:.1f} GiB (tools/plan_run.py)")

@@ -51,9 +51,8 @@ def main():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     model = ParallelGPT(cfg, parallel, mesh, device, param_dtype=torch.bfloat16 if a.bf16 else None)
-    import argparse as ap
-    opt = build_optimizer(model, ap.Namespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
-                                              adam_eps=1e-8), device)
+    opt = build_optimizer(model, argparse.Namespace(lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
+                                                    adam_eps=1e-8), device)
     init_optimizer_state(opt)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, cfg.vocab_size, (a.mbs, cfg.seq_length + 1), generator=g)
