@@ -20,12 +20,18 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def next_tokens(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """logits: (rows, vocab) -> (rows,) token ids, on the logits' device. Greedy when
+    temperature is 0."""
+    if temperature <= 0:
+        return torch.argmax(logits, -1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
 def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """logits: (vocab,) float. Greedy when temperature is 0."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return int(next_tokens(logits[None], temperature, top_k, top_p, generator)[0])
 
 
 @torch.no_grad()
@@ -46,7 +52,7 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, top
     tokens = torch.tensor([prompt_ids], device=device)
     out = []
     for _ in range(max_new_tokens):
-        logits = model(tokens, cache=cache)[0, -1, :cfg.vocab_size]
+        logits = model(tokens, cache=cache, last_only=True)[0, -1, :cfg.vocab_size]
         token = next_token(logits, temperature, top_k, top_p, generator)
         out.append(token)
         if token == eos_id:
@@ -87,14 +93,15 @@ def generate_batch(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, 
     columns = torch.arange(width, device=device)
     key_mask = columns[None, :] >= pad[:, None]
     positions = (columns[None, :] - pad[:, None]).clamp(min=0)
-    logits = model(tokens, cache=cache, positions=positions, key_mask=key_mask)[:, -1, :cfg.vocab_size]
+    logits = model(tokens, cache=cache, positions=positions, key_mask=key_mask,
+                   last_only=True)[:, -1, :cfg.vocab_size]
     out, reasons = [[] for _ in prompts], [None] * len(prompts)
     next_position = lengths.clone()
     for _ in range(steps):
-        step = []
-        for i in range(len(prompts)):
+        # all rows at once, finished ones included (their tokens are dropped): one transfer per step
+        chosen = next_tokens(logits, temperature, top_k, top_p, generator)
+        for i, token in enumerate(chosen.tolist()):
             if reasons[i] is None:
-                token = next_token(logits[i], temperature, top_k, top_p, generator)
                 out[i].append(token)
                 if token == eos_id:
                     reasons[i] = "eos"
@@ -102,12 +109,10 @@ def generate_batch(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, 
                     reasons[i] = "length"
                 elif len(prompts[i]) + len(out[i]) > cfg.seq_length:
                     reasons[i] = "context"
-            step.append(out[i][-1])
         if all(reasons):
             break
         key_mask = torch.cat([key_mask, key_mask.new_ones(len(prompts), 1)], 1)
-        logits = model(torch.tensor(step, device=device)[:, None], cache=cache,
-                       positions=next_position.clamp(max=cfg.seq_length - 1)[:, None],
+        logits = model(chosen[:, None], cache=cache, positions=next_position.clamp(max=cfg.seq_length - 1)[:, None],
                        key_mask=key_mask)[:, -1, :cfg.vocab_size]
         next_position += 1
     return [(ids, reason or "length") for ids, reason in zip(out, reasons)]

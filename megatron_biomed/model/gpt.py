@@ -217,11 +217,12 @@ class GPT(nn.Module):
         """Logits over the padded vocabulary (the loss leaves the padding out)."""
         return self.lm_head(self.ln_f(x))
 
-    def forward(self, tokens, targets=None, cache=None, positions=None, key_mask=None):
+    def forward(self, tokens, targets=None, cache=None, positions=None, key_mask=None, last_only=False):
         """Logits, padded columns at -inf (or the mean loss, given targets); with a KVCache,
         `tokens` continue the cached ones. Batched generation of left-padded rows gives each
         row's `positions` (B, T) and `key_mask` (B, cached + T): False for padding, which no
-        real token attends to."""
+        real token attends to. `last_only`: logits of the last position only (B, 1, vocab), all
+        that generation needs of a prompt."""
         start = cache.length if cache is not None else 0
         mask = None
         if key_mask is not None:
@@ -230,7 +231,8 @@ class GPT(nn.Module):
             # a padding query sees the (finite) padding before it, so that no row is all -inf
             query_is_padding = ~key_mask[:, S - T:]
             mask = causal & (key_mask[:, None, :] | query_is_padding[:, :, None])
-        logits = self.head(self.blocks(self.embed(tokens, start, positions), cache=cache, mask=mask))
+        x = self.blocks(self.embed(tokens, start, positions), cache=cache, mask=mask)
+        logits = self.head(x[:, -1:] if last_only else x)
         if cache is not None:
             cache.length += tokens.shape[1]
         if targets is None:
