@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "pyyaml",
         "xxhash>=3",  # checkpoint manifest checksums (XXH3-128)
+        "rouge-score>=0.1.2",  # ROUGE-L of generated answers (generative fine-tuning)
     ],
     extras_require={
         "train": ["tensorboard"],

@@ -162,3 +162,38 @@ def medmcqa_like(n, seed):
                      "opb": options[1], "opc": options[2], "opd": options[3], "cop": cop + 1,
                      "subject_name": "Pharmacology" if i % 2 else "Physiology"})
     return rows
+
+
+CONDITIONS = ("asthma", "type 2 diabetes", "osteoporosis", "tuberculosis", "atrial fibrillation", "sepsis",
+              "chronic kidney disease", "glioblastoma", "vitamin D deficiency", "Alzheimer's disease",
+              "myocardial infarction", "hepatocellular carcinoma", "COVID-19", "insulin resistance")
+# question wordings per question type, and the answer each type gets
+PATIENT_QA = {
+    "symptoms": (("What are the symptoms of {C}?", "What are the signs of {C}?"),
+                 "Symptoms of {C} vary; see your doctor."),
+    "treatment": (("How is {C} treated?", "What is the treatment for {C}?"),
+                  "Treatment of {C} depends on its severity."),
+    "causes": (("What causes {C}?", "Why do people get {C}?"),
+               "{C} has several causes."),
+    "inheritance": (("Is {C} inherited?", "Does {C} run in families?"),
+                    "Some cases of {C} run in families."),
+    "prevention": (("How can I prevent {C}?", "Can {C} be prevented?"),
+                   "A healthy lifestyle lowers the risk of {C}."),
+}
+
+
+def patient_qa_like(n, seed):
+    """Consumer-health question/answer records whose answer follows from the question: its type
+    picks the answer's wording and the condition it names is repeated in it (generative
+    fine-tuning tests and demo)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        qtype = rng.choice(sorted(PATIENT_QA))
+        wordings, answer = PATIENT_QA[qtype]
+        condition = rng.choice(CONDITIONS)
+        question = rng.choice(wordings).format(C=condition)
+        text = answer.format(C=condition)
+        rows.append({"id": f"p{seed}-{i}", "question": question, "answer": text[0].upper() + text[1:],
+                     "qtype": qtype})
+    return rows

@@ -4,7 +4,6 @@ import json
 import random
 import sys
 
-import torch
 
 from megatron_biomed.finetune import tasks as T
 from megatron_biomed.finetune import zero_shot as Z

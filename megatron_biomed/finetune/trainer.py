@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_biomed.finetune import classifier as C
 from megatron_biomed.finetune import tasks as T
+from megatron_biomed.finetune import patient_qa as PQ
 from megatron_biomed.finetune import zero_shot as Z
 from megatron_biomed.parallel import parallelize as P
 from megatron_biomed.utils import atomic_output, print0
@@ -29,7 +30,10 @@ def build_parser():
     p.add_argument("--load", default=None, help="our checkpoint or a Hugging Face directory (default: --model, "
                    "randomly initialised, for tests)")
     p.add_argument("--model", default="tiny", help="preset when there is no --load")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True,
+                   help="medmcqa, medqa, pubmedqa, bioasq, mmlu (classification heads) or patient_qa (generative: "
+                        "learn to write the answers; question/answer, prompt/completion, Alpaca or chat JSON lines, "
+                        "or MedQuAD's XML directory)")
     p.add_argument("--train-data", required=True)
     p.add_argument("--valid-data", required=True)
     p.add_argument("--test-data", default=None)
@@ -42,7 +46,12 @@ def build_parser():
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--global-batch-size", type=int, default=32, help="questions per step")
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-length", type=int, default=512,
+                   help="tokens per example; patient_qa skips (and counts) longer pairs instead of cutting answers")
+    p.add_argument("--prompt-template", default=None,
+                   help=f"patient_qa: how a question is put to the model, from its record's fields (default "
+                        f"{PQ.DEFAULT_TEMPLATE!r}; prompt/completion files: the prompt as written)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="patient_qa: longest generated dev answer")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--hidden-dropout", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--attention-dropout", type=float, default=None)
@@ -64,6 +73,48 @@ def _fit_vocab_rows(weights, rows, vocab_size):
         if w is not None and w.shape[0] != rows:
             out[key] = pad_rows(w[:vocab_size], rows)
     return out
+
+
+def build_optimizer(params, args):
+    """AdamW as Hugging Face's Trainer sets it up (no decay on biases and LayerNorms)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_schedule(lr, total_steps, warmup_ratio):
+    """(step -> learning rate, warmup steps): linear warmup, then linear decay to 0."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    return (lambda step: lr * (step / warmup if step <= warmup else
+                               max(0.0, (total_steps - step) / max(1, total_steps - warmup)))), warmup
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def reduce_and_clip(params, mesh, dp, clip_grad, device):
+    """Average gradients over data parallelism and clip them by their global norm."""
+    P.match_grad_placements(params)
+    if dp > 1:
+        P.average_gradients(params, mesh["dp"].get_group(), dp)
+    norm = P.grad_square_sum(params, device).sqrt()
+    P.clip_gradients(params, clip_grad, norm)
+    return float(norm)
+
+
+def prepare_save_dir(save):
+    os.makedirs(save, exist_ok=True)
+    if dist.get_rank() == 0:
+        for leftover in ("best.tmp", "best.old"):  # a killed run's; this run writes best/ anew
+            path = os.path.join(save, leftover)
+            if os.path.exists(path):
+                shutil.rmtree(path, ignore_errors=True)
+                print0(f"removed {path}: left by an interrupted run")
+    dist.barrier()
 
 
 class FineTuner:
@@ -99,11 +150,7 @@ class FineTuner:
             _replicate(model.head, self.mesh["tp"])
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                                           betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = build_optimizer(self.params, args)
         self.pad_id = tok.token_to_id("<|endoftext|>") or 0
         torch.manual_seed(args.seed + 1)  # dropout: the same stream on every rank of a step
 
@@ -120,16 +167,7 @@ class FineTuner:
         import contextlib
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def _reduce_and_clip(self):
-        P.match_grad_placements(self.params)
-        if self.dp > 1:
-            P.average_gradients(self.params, self.mesh["dp"].get_group(), self.dp)
-        norm = P.grad_square_sum(self.params, self.device).sqrt()
-        P.clip_gradients(self.params, self.args.clip_grad, norm)
-        return float(norm)
-
-    def train_epoch(self, examples, encoded, epoch, step, total_steps, warmup):
+    def train_epoch(self, examples, encoded, epoch, step, schedule):
         a = self.args
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(a.seed + epoch)).tolist()
         per = a.global_batch_size // self.dp
@@ -139,14 +177,12 @@ class FineTuner:
             rows = order[start:start + a.global_batch_size][self.dp_rank * per:(self.dp_rank + 1) * per]
             batch = self._batch([encoded[i] for i in rows], [examples[i] for i in rows])
             step += 1
-            lr = a.lr * (step / warmup if step <= warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, schedule(step))
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss, _ = C.loss_and_logits(self.model, batch)
             loss.backward()
-            self._reduce_and_clip()
+            reduce_and_clip(self.params, self.mesh, self.dp, a.clip_grad, self.device)
             self.optimizer.step()
             value = loss.detach().clone()
             if self.dp > 1:
@@ -175,24 +211,16 @@ class FineTuner:
         return self.model.state_dict()
 
 
-def _write(path, text):
+def write_text(path, text):
     with atomic_output(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def run(args):
-    import torch.distributed.checkpoint as dcp
-
+def load_model(args):
+    """(tokenizer, model config with the dropout overrides, full weights or None) for --load
+    (our checkpoint or a Hugging Face directory) or a randomly initialised --model preset."""
     from megatron_biomed.config import preset
     from megatron_biomed.data.tokenizer import load_tokenizer
-    from megatron_biomed.parallel import mesh as M
-    device = M.init_distributed()
-    t0 = time.time()
-    train = T.read_task(args.task, args.train_data, args.split_file, "train", args.cop_base)
-    valid = T.read_task(args.task, args.valid_data, args.split_file, "test", args.cop_base)
-    test = T.read_task(args.task, args.test_data, args.split_file, "test", args.cop_base) if args.test_data else None
-    if not train or not valid:
-        raise T.TaskFormatError("no training or validation examples")
     if args.load:
         from megatron_biomed.generation import load_for_inference
         model, tok = load_for_inference(args.load, "cpu", "fp32", args.vocab_file, args.merge_file)
@@ -207,30 +235,39 @@ def run(args):
         print0(f"note: --max-length {args.max_length} is more than the model's {cfg.seq_length} positions: "
                f"using {cfg.seq_length}")
         args.max_length = cfg.seq_length
+    return tok, cfg, weights
+
+
+def run(args):
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_biomed.parallel import mesh as M
+    device = M.init_distributed()
+    if args.task == "patient_qa":
+        return PQ.run(args, device)
+    t0 = time.time()
+    train = T.read_task(args.task, args.train_data, args.split_file, "train", args.cop_base)
+    valid = T.read_task(args.task, args.valid_data, args.split_file, "test", args.cop_base)
+    test = T.read_task(args.task, args.test_data, args.split_file, "test", args.cop_base) if args.test_data else None
+    if not train or not valid:
+        raise T.TaskFormatError("no training or validation examples")
+    tok, cfg, weights = load_model(args)
     ft = FineTuner(args, train, tok, cfg, weights, device)
     enc_train, enc_valid = ft._encode(train), ft._encode(valid)
     steps_per_epoch = len(train) // args.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train)} training examples are fewer than --global-batch-size {args.global_batch_size}")
-    total = steps_per_epoch * args.epochs
-    warmup = max(1, int(args.warmup_ratio * total))
+    schedule, warmup = lr_schedule(args.lr, steps_per_epoch * args.epochs, args.warmup_ratio)
     print0(f"fine-tuning on {len(train)} {args.task} examples ({'multiple choice' if ft.multiple_choice else 'classification'}, "
             f"{ft.num_choices} choices): {args.epochs} epochs x {steps_per_epoch} steps, warmup {warmup}, "
             f"world {dist.get_world_size()} (tp {args.tensor_model_parallel_size}, dp {ft.dp})")
-    os.makedirs(args.save, exist_ok=True)
-    if dist.get_rank() == 0:
-        for leftover in ("best.tmp", "best.old"):  # a killed run's; this run writes best/ anew
-            path = os.path.join(args.save, leftover)
-            if os.path.exists(path):
-                shutil.rmtree(path, ignore_errors=True)
-                print0(f"removed {path}: left by an interrupted run")
-    dist.barrier()
+    prepare_save_dir(args.save)
     m = Z.metrics(valid, ft.predict(valid, enc_valid))
     history = [{"epoch": 0, "valid": m}]
     print0(f" before fine-tuning | dev accuracy {m['accuracy']:.4f}")
     best, step = None, 0
     for epoch in range(1, args.epochs + 1):
-        step, losses = ft.train_epoch(train, enc_train, epoch, step, total, warmup)
+        step, losses = ft.train_epoch(train, enc_train, epoch, step, schedule)
         preds = ft.predict(valid, enc_valid)
         m = Z.metrics(valid, preds)
         train_loss = sum(losses) / len(losses)
@@ -257,7 +294,7 @@ def run(args):
                     os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
-                _write(os.path.join(args.save, "valid_predictions.jsonl"),
+                write_text(os.path.join(args.save, "valid_predictions.jsonl"),
                        "".join(json.dumps(p) + "\n" for p in preds))
     result = {"task": args.task, "best_epoch": best["epoch"], "valid": best["valid"], "history": history}
     if test is not None:
@@ -265,10 +302,10 @@ def run(args):
         preds = ft.predict(test, ft._encode(test))
         result["test"] = Z.metrics(test, preds)
         if dist.get_rank() == 0:
-            _write(os.path.join(args.save, "test_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
+            write_text(os.path.join(args.save, "test_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in preds))
         print0(f" test accuracy (best dev epoch {best['epoch']}): {result['test']['accuracy']:.4f}")
     if dist.get_rank() == 0:
-        _write(os.path.join(args.save, "metrics.json"), json.dumps(result, indent=2))
+        write_text(os.path.join(args.save, "metrics.json"), json.dumps(result, indent=2))
     print0(f"done in {time.time() - t0:.0f} s: best dev accuracy {best['valid']['accuracy']:.4f} at epoch "
             f"{best['epoch']}; {args.save}/metrics.json")
     return result

@@ -156,12 +156,17 @@ class KVCache:
         """`padding`: columns of left padding (batched generation), beyond the model's positions."""
         if max_length > config.seq_length + padding:
             raise ValueError(f"{max_length} tokens do not fit the model's {config.seq_length} positions")
-        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.batch_size, self.max_length, self.device, self.dtype = batch_size, max_length, device, dtype
+        # allocated on first use: under tensor parallelism a rank holds only its own heads
+        self.k = [None] * config.num_layers
+        self.v = [None] * config.num_layers
         self.length = 0  # positions filled; advanced by GPT.forward
 
     def update(self, layer, k, v):
+        if self.k[layer] is None:
+            shape = (self.batch_size, self.max_length, *k.shape[2:])
+            self.k[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.v[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
         end = self.length + k.shape[1]
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
