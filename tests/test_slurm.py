@@ -153,7 +153,7 @@ def test_preprocess_array_job_and_merge_equal_local_run(slurm, trained_tokenizer
 
 @pytest.mark.slow
 def test_finetune_grid_array_job(slurm, trained_tokenizer, tmp_path):
-    """slurm/finetune.sbatch: a 2-point (lr) grid as an array job."""
+    """slurm/finetune.sbatch: a 2-point (lr) grid as an array job, and a patient_qa run beside it."""
     from megatron_biomed.data import synthetic
     from test_convert import random_hf_gpt2
     from conftest import write_jsonl
@@ -169,13 +169,27 @@ def test_finetune_grid_array_job(slurm, trained_tokenizer, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     jid = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
-    for task in ("0", "1"):
-        info = wait_for(slurm, f"{jid}_{task}", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    jobs = [f"{jid}_{task}" for task in ("0", "1")]
+    qa = write_jsonl(tmp_path / "qa.jsonl", synthetic.patient_qa_like(32, 1))
+    env.update(TASK="patient_qa", TRAIN_DATA=str(qa), VALID_DATA=str(qa), LRS="1e-3", MAX_NEW_TOKENS="8",
+               PROMPT_TEMPLATE="Q: {question}\\nA:")
+    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "finetune.sbatch"), "submit"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jobs.append(re.search(r"Submitted batch job (\d+)", r.stdout).group(1) + "_0")
+    for job in jobs:
+        info = wait_for(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
         logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
         assert info["JobState"] == "COMPLETED", logs[-4000:]
     for lr in ("1e-3", "3e-3"):
         metrics = json.loads((tmp_path / "runs" / "medmcqa" / f"lr{lr}_ep1" / "metrics.json").read_text())
         assert metrics["best_epoch"] == 1 and metrics["valid"]["n"] == 16
+    run = tmp_path / "runs" / "patient_qa" / "lr1e-3_ep1"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and 0 <= metrics["valid"]["rougeL"] <= 1
+    first = json.loads((run / "valid_generations.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].startswith("Q: ") and first["prompt"].endswith("\nA:")  # the template reached the tool
+    assert (run / "best" / "latest_checkpointed_iteration.txt").read_text() == "1\n"
 
 
 def test_pretrain_script_stops_requeueing_when_runs_make_no_progress(tmp_path):
