@@ -22,3 +22,16 @@ def test_same_logits_as_transformers_gpt2(scale):
     back.load_state_dict(hf.from_hf_state_dict(theirs.state_dict(), cfg, back.padded_vocab_size))
     with torch.no_grad():
         assert (back(x)[..., :500] - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("heads, head_dim", [(20, 128), (4, 8), (3, 20), (12, 64)])
+def test_fused_qkv_transposes_equal_reorder_then_transpose(heads, head_dim):
+    """The converters' one-pass QKV mapping (blocks of 16 rows, or of the head size's gcd with
+    16) equals reordering the heads' rows and then transposing, both ways."""
+    hidden = heads * head_dim
+    ours = torch.randn(3 * hidden, hidden).to(torch.bfloat16)
+    theirs = hf._qkv_weight_to_hf(ours, heads)
+    assert torch.equal(theirs, hf._qkv_to_hf(ours, heads).t())
+    assert torch.equal(hf._qkv_weight_from_hf(theirs, heads), ours)
+    other = torch.randn(hidden, 3 * hidden)
+    assert torch.equal(hf._qkv_weight_from_hf(other, heads), hf._qkv_from_hf(other.t(), heads))

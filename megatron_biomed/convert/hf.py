@@ -5,6 +5,7 @@ ours are nn.Linear ([out, in]) with QKV rows as (head, q|k|v, dim) for tensor pa
 The output layer is tied to the embedding in both, so it is stored once.
 """
 import json
+import math
 import os
 
 import torch
@@ -81,6 +82,32 @@ def _transpose(t, rows=16):
     return out
 
 
+def _qkv_weight_to_hf(w, heads):
+    """_transpose(_qkv_to_hf(w, heads)) in one pass: each block of our rows (one head's q, k or v
+    rows, contiguous) lands transposed in its HF columns, without the reordered copy between."""
+    rows, cols = w.shape
+    d = rows // (3 * heads)
+    step = math.gcd(16, d)
+    out = torch.empty(cols, rows, dtype=w.dtype, device=w.device)
+    for r in range(0, rows, step):
+        h, rest = divmod(r, 3 * d)
+        q, j = divmod(rest, d)
+        c = q * (rows // 3) + h * d + j
+        out[:, c:c + step].copy_(w[r:r + step].t())
+    return out
+
+
+def _qkv_weight_from_hf(w, heads):
+    """_qkv_from_hf(_transpose(w), heads) in one pass (w is HF's [in, 3 x hidden])."""
+    cols, rows = w.shape
+    out = torch.empty(rows, cols, dtype=w.dtype, device=w.device)
+    grouped = out.view(heads, 3, rows // (3 * heads), cols)
+    for i in range(0, cols, 16):
+        block = w[i:i + 16].t()  # (3 x hidden, <=16), rows in HF's (q|k|v, head, dim) order
+        grouped[..., i:i + 16].copy_(block.reshape(3, heads, -1, block.shape[1]).transpose(0, 1))
+    return out
+
+
 def _transposed(name):
     return name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
 
@@ -97,13 +124,17 @@ def to_hf_tensor(name, t, cfg: GPTConfig):
     """One of our (unsharded) tensors, named as in GPT, -> GPT2LMHeadModel's tensor."""
     if name == "wte.weight":
         t = t[:cfg.vocab_size]
-    elif name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+    elif name.endswith("attn.c_attn.weight"):
+        return _qkv_weight_to_hf(t, cfg.num_attention_heads)
+    elif name.endswith("attn.c_attn.bias"):
         t = _qkv_to_hf(t, cfg.num_attention_heads)
     return _transpose(t) if _transposed(name) else t.contiguous()
 
 
 def from_hf_tensor(name, t, cfg: GPTConfig):
     """GPT2LMHeadModel's tensor of our parameter `name` -> ours (embedding not padded)."""
+    if name.endswith("attn.c_attn.weight"):
+        return _qkv_weight_from_hf(t, cfg.num_attention_heads)
     if _transposed(name):
         t = _transpose(t)
     if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
