@@ -61,9 +61,12 @@ def child(argv):
         code = main(args)
         if code:
             sys.exit(code)
-    elif kind == "hf_load_save":  # transformers' own round trip: load, save
+    elif kind in ("hf_load_save", "hf_load_save_sync"):  # transformers' own round trip: load, save
         from transformers import GPT2LMHeadModel
         GPT2LMHeadModel.from_pretrained(args[0], dtype="auto").save_pretrained(args[1])
+        if kind == "hf_load_save_sync":  # on disk, as our converter leaves its output
+            from megatron_biomed.convert.storage import sync_tree
+            sync_tree(args[1])
     elif kind in ("hf_load", "ours_load"):  # load for generation, then one forward pass
         import torch
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args[1]]
@@ -143,9 +146,10 @@ def main():
         def run(label, kind, *a, baseline=None):
             runs = []
             for _ in range(args.repeat):
-                save = a[a.index("--save") + 1] if "--save" in a else a[1] if kind == "hf_load_save" else None
+                save = a[a.index("--save") + 1] if "--save" in a else a[1] if kind.startswith("hf_load_save") else None
                 if save:  # the output of the previous repeat
                     shutil.rmtree(save, ignore_errors=True)
+                os.sync()  # every run starts with nothing of an earlier one still being written out
                 runs.append(measure(kind, *a))
             seconds, peak = min(r[0] for r in runs), max(r[1] for r in runs)
             if baseline is None:
@@ -156,6 +160,9 @@ def main():
 
         tf_out = os.path.join(work, "hf_tf")
         run("transformers: from_pretrained + save_pretrained", "hf_load_save", hf_src, tf_out)
+        shutil.rmtree(tf_out)
+        run("transformers: the same + fsync of its files", "hf_load_save_sync", hf_src, tf_out,
+            baseline="transformers: from_pretrained + save_pretrained")
         shutil.rmtree(tf_out)
         ours = os.path.join(work, "ours_tp2pp2")
         run("ours: HF -> ours TP2xPP2", "tool", "--load", hf_src, "--save", ours, "--target-format",

@@ -209,7 +209,7 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
         meta["config"]["vocab_file"] = None  # resolved to <root>/tokenizer/ on load
     with open(os.path.join(d, CONFIG), "w") as f:
         json.dump(meta, f, indent=1, default=str)
-    MF.write_manifest(d, {n: MF.file_entry(d, n) for n in os.listdir(d)})
+    MF.write_manifest(d, MF.file_entries(d, os.listdir(d)))
     with open(os.path.join(out_dir, LATEST), "w") as f:
         f.write(f"{iteration}\n")
 

@@ -149,7 +149,7 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
     try:
         dcp.save(sd, checkpoint_id=tmp)
         # each rank checksums the shards it wrote (still in its page cache)
-        entries = {n: MF.file_entry(tmp, n) for n in os.listdir(tmp) if n.startswith(f"__{rank}_")}
+        entries = MF.file_entries(tmp, [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_")])
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - disk full, read-only, ...: reported by every rank
         error = e
     gathered = [None] * world
