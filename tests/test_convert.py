@@ -408,3 +408,25 @@ def test_filter_logits():
     assert p[0] < 0.8 < p[0] + p[1]
     assert torch.isinf(filter_logits(logits, top_p=0.8)).tolist() == [False, False, True, True]
     assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("which", ["first", "last", "metadata"])
+def test_a_flipped_byte_anywhere_stops_conversion_and_generation(tmp_path, trained_tokenizer, which):
+    """Each file is checked against the manifest right after the converter reads it (and the
+    files it does not read at the end): one flipped byte in any of them is an error naming the
+    file, and no --save is left."""
+    src = tmp_path / "hf"
+    random_hf_gpt2(src, vocab=1000, tokenizer=trained_tokenizer)
+    ours = tmp_path / "ours"
+    convert("--load", src, "--save", ours, "--target-format", "megatron_biomed")
+    d = ours / "iter_0000000"
+    shards = sorted(d.glob("*.distcp"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    bad = {"first": shards[0], "last": shards[-1], "metadata": d / ".metadata"}[which]
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2 if which != "metadata" else len(data) - 3] ^= 0x01
+    bad.write_bytes(bytes(data))
+    r = convert("--load", ours, "--save", tmp_path / "back", "--target-format", "hf", check=1)
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: checksum mismatch"), r.stderr
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob("back.tmp*"))
+    r = generate_tool("--load", ours, "--prompt", "x", "--max-new-tokens", "2", check=1)
+    assert f"{bad}: checksum mismatch" in r.stderr

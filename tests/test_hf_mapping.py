@@ -35,3 +35,19 @@ def test_fused_qkv_transposes_equal_reorder_then_transpose(heads, head_dim):
     assert torch.equal(hf._qkv_weight_from_hf(theirs, heads), ours)
     other = torch.randn(hidden, 3 * hidden)
     assert torch.equal(hf._qkv_weight_from_hf(other, heads), hf._qkv_from_hf(other.t(), heads))
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2-small", "biomedlm-2.7b"])
+def test_expected_specs_are_the_models_parameters(name):
+    """The converters' written-out parameter list is the model's, in its order; and a model
+    built on the meta device (for loading) has those shapes, with no initialiser left patched."""
+    from megatron_biomed.convert.common import expected_specs
+    from megatron_biomed.model.gpt import on_meta_device
+    cfg = preset(name, make_vocab_size_divisible_by=1)
+    with on_meta_device():
+        model = GPT(cfg)
+    params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if n != "lm_head.weight"]
+    assert [(n, shape) for n, (shape, _) in expected_specs(cfg).items()] == params
+    assert model.lm_head.weight is model.wte.weight and model.wte.weight.is_meta
+    layer = torch.nn.Linear(4, 4)  # initialisers work again outside the block
+    assert layer.weight.abs().sum() > 0

@@ -71,40 +71,72 @@ def _qkv_from_hf(w, heads):
     return w.reshape(3, heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
-def _transpose(t, rows=16):
-    """t.t().contiguous(), copied 16 rows at a time: the strided reads stay in cache, which is
-    about 1.5x faster on CPU than one big transposing copy (most of a conversion's compute)."""
-    if t.dim() != 2 or t.numel() < 1 << 16:
+def _bytes_view(t):
+    """A numpy view of a CPU tensor (bf16 as int16: only the bytes move)."""
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _empty_like_transposed(t, rows, cols):
+    """An uninitialised (rows, cols) CPU tensor of t's dtype and its numpy view, allocated by
+    numpy: it asks the kernel for huge pages, so filling it takes far fewer page faults (about
+    1.6x faster than filling a torch.empty of the same size)."""
+    import numpy as np
+    like = _bytes_view(t.reshape(-1)[:1])
+    buf = np.empty((rows, cols), dtype=like.dtype)
+    out = torch.from_numpy(buf)
+    return (out.view(torch.bfloat16) if t.dtype == torch.bfloat16 else out), buf
+
+
+def _block_rows(t):
+    """Rows per block of a transposing copy (measured on a 2-core CPU, BioMedLM's shapes): with
+    2-byte elements, 128-row blocks of a tall matrix; otherwise 16 rows, whose strided reads stay
+    in cache. About 1.5x faster than torch's own t().contiguous() (most of a conversion's CPU)."""
+    return 128 if t.element_size() == 2 and t.shape[0] >= t.shape[1] else 16
+
+
+def _transpose(t):
+    """t.t().contiguous(), copied in blocks of rows through numpy (which releases the GIL, so
+    two converter threads transpose at once)."""
+    if t.dim() != 2 or t.numel() < 1 << 16 or t.device.type != "cpu":
         return t.t().contiguous()
-    out = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device=t.device)
+    out, dst = _empty_like_transposed(t, t.shape[1], t.shape[0])
+    src, rows = _bytes_view(t), _block_rows(t)
     for i in range(0, t.shape[0], rows):
-        out[:, i:i + rows].copy_(t[i:i + rows].t())
+        dst[:, i:i + rows] = src[i:i + rows].T
     return out
 
 
 def _qkv_weight_to_hf(w, heads):
     """_transpose(_qkv_to_hf(w, heads)) in one pass: each block of our rows (one head's q, k or v
     rows, contiguous) lands transposed in its HF columns, without the reordered copy between."""
+    if w.device.type != "cpu":
+        return _qkv_to_hf(w, heads).t().contiguous()
     rows, cols = w.shape
     d = rows // (3 * heads)
-    step = math.gcd(16, d)
-    out = torch.empty(cols, rows, dtype=w.dtype, device=w.device)
+    step = math.gcd(_block_rows(w), d)
+    out, dst = _empty_like_transposed(w, cols, rows)
+    src = _bytes_view(w)
     for r in range(0, rows, step):
         h, rest = divmod(r, 3 * d)
         q, j = divmod(rest, d)
         c = q * (rows // 3) + h * d + j
-        out[:, c:c + step].copy_(w[r:r + step].t())
+        dst[:, c:c + step] = src[r:r + step].T
     return out
 
 
 def _qkv_weight_from_hf(w, heads):
     """_qkv_from_hf(_transpose(w), heads) in one pass (w is HF's [in, 3 x hidden])."""
+    if w.device.type != "cpu":
+        return _qkv_from_hf(w.t(), heads).contiguous()
     cols, rows = w.shape
-    out = torch.empty(rows, cols, dtype=w.dtype, device=w.device)
-    grouped = out.view(heads, 3, rows // (3 * heads), cols)
-    for i in range(0, cols, 16):
-        block = w[i:i + 16].t()  # (3 x hidden, <=16), rows in HF's (q|k|v, head, dim) order
-        grouped[..., i:i + 16].copy_(block.reshape(3, heads, -1, block.shape[1]).transpose(0, 1))
+    out, dst = _empty_like_transposed(w, rows, cols)
+    src = _bytes_view(w)
+    grouped = dst.reshape(heads, 3, rows // (3 * heads), cols)
+    step = _block_rows(w)
+    for i in range(0, cols, step):
+        block = src[i:i + step].T  # (3 x hidden, <=step), rows in HF's (q|k|v, head, dim) order
+        grouped[..., i:i + step] = block.reshape(3, heads, -1, block.shape[1]).transpose(1, 0, 2, 3)
     return out
 
 

@@ -37,15 +37,15 @@ def resolve_iteration_dir(path, iteration=None):
 
 class OursSource:
     def __init__(self, path, iteration=None, verify=True):
-        """`verify`: True checks the files against the manifest now; "background" checks them on
-        a thread while the caller reads them, and finish_verification() waits for the answer."""
+        """`verify`: True checks the files against the manifest now; "background" checks each
+        file on a thread right after the caller has read it (its pages are still in memory, so
+        the checkpoint is read from disk once), and finish_verification() checks the rest and
+        waits for the answer."""
         self.directory, self.root = resolve_iteration_dir(path, iteration)
-        self._verifying = None
+        self._background = None
         if verify == "background":
-            import concurrent.futures
-            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify")
-            self._verifying, self.verified = pool.submit(verify_checkpoint, self.directory), None
-            pool.shutdown(wait=False)
+            self._background = _FileChecks(self.directory)
+            self.verified = None
         else:
             self.verified = verify_checkpoint(self.directory) if verify else None
         try:
@@ -83,16 +83,22 @@ class OursSource:
 
     def finish_verification(self):
         """Wait for a background check: CheckpointFormatError when the files do not verify."""
-        if self._verifying is not None:
-            future, self._verifying = self._verifying, None
-            self.verified = future.result()
+        if self._background is not None:
+            checks, self._background = self._background, None
+            self.verified = checks.finish()
+
+    def _read(self, key):
+        t = self.reader.read(key)
+        if self._background is not None:
+            self._background.after_reading(self.reader.files_of(key))
+        return t
 
     def model_tensor(self, name):
-        t = self.reader.read("model." + name)
+        t = self._read("model." + name)
         return t[:self.config.vocab_size] if name == "wte.weight" else t
 
     def extra_tensor(self, key):
-        return self.reader.read(key)
+        return self._read(key)
 
     def has_optimizer(self):
         return any(k.startswith("optim.") for k in self.extra_specs)
@@ -128,15 +134,54 @@ def verified_reads(source):
     finish()
 
 
+class _FileChecks:
+    """A checkpoint's files checked against its manifest on one thread, each as soon as it has
+    been read (so its bytes come from memory, not the disk), the rest at finish()."""
+
+    def __init__(self, directory):
+        import concurrent.futures
+        import threading
+        self.directory, self.manifest = directory, MF.read_manifest(directory)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify")
+        self._lock, self._checks = threading.Lock(), {}
+
+    def after_reading(self, names):
+        if not self.manifest or MF.MANIFEST in self.manifest:
+            return
+        with self._lock:
+            for n in names:
+                if n not in self._checks and n in self.manifest:
+                    self._checks[n] = self._pool.submit(MF.check_file, self.directory, n, self.manifest[n])
+
+    def finish(self):
+        """True when every file verifies, False without a manifest; else CheckpointFormatError."""
+        try:
+            if self.manifest is None:
+                return False
+            self.after_reading(sorted(self.manifest))
+            if MF.MANIFEST in self.manifest:
+                problems = [MF.check_file(self.directory, MF.MANIFEST, self.manifest[MF.MANIFEST])]
+            else:
+                problems = [p for _, f in sorted(self._checks.items()) if (p := f.result())]
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        _raise_problems(problems)
+        return True
+
+
+def _raise_problems(problems):
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointFormatError(f"{problems[0]}{more}; restore the checkpoint from a copy, convert an "
+                                    f"earlier iteration (--iteration), or pass --no-verify-checkpoint")
+
+
 def verify_checkpoint(directory):
     """Check `directory` against its manifest; True when it verifies, False when it has none."""
     problems = MF.verify(directory)
     if problems is None:
         return False
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointFormatError(f"{problems[0]}{more}; restore the checkpoint from a copy, convert an "
-                                    f"earlier iteration (--iteration), or pass --no-verify-checkpoint")
+    _raise_problems(problems)
     return True
 
 
@@ -223,12 +268,13 @@ def build_model(source, device="cpu", dtype=torch.float32):
     `device` and filled tensor by tensor (the next read while this one is placed). A tensor
     already in the right dtype, shape and device is used as it is: for our checkpoints that is
     the mapped file, so loading costs no copy, as transformers' safetensors loading does."""
-    from megatron_biomed.model.gpt import GPT
+    from megatron_biomed.model.gpt import GPT, on_meta_device
     device = torch.device(device)
-    with torch.device("meta"):
+    with on_meta_device():
         model = GPT(source.config).to(dtype)
     params = dict(model.named_parameters())
-    with torch.no_grad(), S.Prefetch(list(source.specs), source.model_tensor) as ahead:
+    sizes = {name: S.tensor_bytes(shape, dt) for name, (shape, dt) in source.specs.items()}
+    with torch.no_grad(), S.Prefetch(list(source.specs), source.model_tensor, sizes=sizes) as ahead:
         for name in source.specs:
             t, p = ahead.get(name), params[name]
             if name == "wte.weight":

@@ -48,6 +48,10 @@ class DCPReader:
             self._storage.setdefault(index.fqn, []).append(info)
             self._items_in_file[info.relative_path] = self._items_in_file.get(info.relative_path, 0) + 1
 
+    def files_of(self, key):
+        """The files holding `key`'s bytes."""
+        return sorted({info.relative_path for info in self._storage.get(key, [])})
+
     def shape(self, key):
         return tuple(self.tensors[key].size)
 
@@ -101,21 +105,30 @@ class DCPReader:
 
 class Prefetch:
     """Produces the tensors of `keys`, in that order, ahead of the writer on background threads:
-    reading and converting the next tensors (file reads and torch ops release the GIL) overlaps
-    writing this one. Two threads where there are two cores, since converting (the transposes)
-    takes as long as writing; at most `threads + 1` produced tensors wait at a time."""
+    reading and converting the next tensors (file reads and torch/numpy copies release the GIL)
+    overlaps writing this one. Two threads where there are two cores, since converting (the
+    transposes) takes as long as writing. At most `threads + 1` produced tensors of 1 MB or more
+    wait at a time (with `sizes`, {key: bytes}; smaller ones, biases and norms, do not count), so
+    the threads are always at work on the next large tensor while memory stays bounded."""
 
-    def __init__(self, keys, produce, threads=None):
+    LARGE = 1 << 20
+
+    def __init__(self, keys, produce, threads=None, sizes=None):
         self._keys, self._produce, self._next = list(keys), produce, 0
         self._threads = threads or min(2, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefetch")
-        self._pending = {}
+        self._pending, self._sizes = {}, sizes or {}
+
+    def _large(self, key):
+        return self._sizes.get(key, self.LARGE) >= self.LARGE
 
     def _fill(self):
-        while len(self._pending) < self._threads + 1 and self._next < len(self._keys):
+        large = sum(1 for k in self._pending if self._large(k))
+        while large < self._threads + 1 and self._next < len(self._keys):
             key = self._keys[self._next]
             self._next += 1
             self._pending[key] = self._pool.submit(self._produce, key)
+            large += self._large(key)
 
     def get(self, key):
         self._fill()
@@ -137,6 +150,11 @@ class Prefetch:
         self.close()
 
 
+def _item_bytes(item):
+    props = item.tensor_data.properties if item.tensor_data is not None else None
+    return math.prod(item.tensor_data.size) * props.dtype.itemsize if props is not None else 0
+
+
 class _StreamingSavePlanner(DefaultSavePlanner):
     """Plans from meta tensors (shapes only) and produces each tensor when it is written, the
     next one prefetched while this one is written (in the plan's order, which is the order
@@ -149,7 +167,8 @@ class _StreamingSavePlanner(DefaultSavePlanner):
 
     def finish_plan(self, new_plan):
         plan = super().finish_plan(new_plan)
-        self.prefetch = Prefetch([item.index.fqn for item in plan.items], self._produce)
+        self.prefetch = Prefetch([item.index.fqn for item in plan.items], self._produce,
+                                 sizes={item.index.fqn: _item_bytes(item) for item in plan.items})
         return plan
 
     def resolve_data(self, write_item):
@@ -277,7 +296,8 @@ def write_safetensors(path, items, produce, progress=None):
         if tuple(t.shape) != tuple(shape):
             raise CheckpointFormatError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(shape)}")
         return t
-    with open(path, "wb") as f, Prefetch(range(len(items)), lambda i: ready(items[i])) as ahead:
+    sizes = {i: tensor_bytes(shape, dtype) for i, (_, shape, dtype) in enumerate(items)}
+    with open(path, "wb") as f, Prefetch(range(len(items)), lambda i: ready(items[i]), sizes=sizes) as ahead:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for i in range(len(items)):

@@ -251,6 +251,23 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if exclude_positions else n
 
 
+@contextlib.contextmanager
+def on_meta_device():
+    """Build modules on the meta device (shapes only, to be filled from a checkpoint) without
+    running the initialisers of nn.Linear, nn.Embedding and nn.LayerNorm: on meta tensors they
+    go through Python reference kernels that import torch._dynamo, a second of every load."""
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = [c.__dict__["reset_parameters"] for c in classes]
+    for c in classes:
+        c.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for c, f in zip(classes, saved):
+            c.reset_parameters = f
+
+
 def mask_padded_vocab(logits, vocab_size):
     """-inf for the padded vocabulary columns of full (unsharded) logits."""
     cols = torch.arange(logits.shape[-1], device=logits.device)
