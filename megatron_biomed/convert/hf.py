@@ -303,9 +303,18 @@ class HFSource:
 
 def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, progress=None):
     """Write `source` (any converter source) as a GPT2LMHeadModel directory in `out_dir`."""
-    from transformers import GenerationConfig
+    import threading
 
     from megatron_biomed.data.tokenizer import EOD_TOKEN, save_tokenizer
+
+    def import_transformers():  # for the config files: ~0.8 s of imports, overlapped with the weights
+        try:
+            import transformers.generation.configuration_utils  # noqa: F401
+            import transformers.models.gpt2.configuration_gpt2  # noqa: F401
+        except Exception:  # noqa: BLE001 - the import below, on the main thread, reports it
+            pass
+    importer = threading.Thread(target=import_transformers, name="import", daemon=True)
+    importer.start()
     cfg = source.config
     eos = tokenizer.token_to_id(EOD_TOKEN) if tokenizer is not None else None
     items = []
@@ -314,9 +323,6 @@ def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, 
             shape = (cfg.vocab_size, shape[1])
         items.append((hf_name(name), hf_shape(name, shape), dtype or src_dtype))
     out_dtype = dtype or source.specs["wte.weight"][1]
-    to_hf_config(cfg, eos, out_dtype).save_pretrained(out_dir)
-    eos_id = cfg.vocab_size - 1 if eos is None else eos
-    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
     shards = S.plan_shards(items, S.parse_size(max_shard_size))
 
     def produce(key):
@@ -331,5 +337,10 @@ def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, 
     if len(shards) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    importer.join()
+    from transformers import GenerationConfig
+    to_hf_config(cfg, eos, out_dtype).save_pretrained(out_dir)
+    eos_id = cfg.vocab_size - 1 if eos is None else eos
+    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
     if tokenizer is not None:
         save_tokenizer(tokenizer, out_dir, cfg.seq_length)
