@@ -324,6 +324,7 @@ def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, 
         items.append((hf_name(name), hf_shape(name, shape), dtype or src_dtype))
     out_dtype = dtype or source.specs["wte.weight"][1]
     shards = S.plan_shards(items, S.parse_size(max_shard_size))
+    os.makedirs(out_dir, exist_ok=True)
 
     def produce(key):
         name = key.removeprefix("transformer.")
