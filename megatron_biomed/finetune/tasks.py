@@ -10,6 +10,7 @@ Every reader returns a list of `Example`s. Multiple-choice tasks (MedMCQA, MedQA
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from megatron_biomed.utils import iter_json_objects
@@ -29,6 +30,7 @@ class Example:
     context: str = ""
     labels: tuple = ()               # class names, classification tasks only
     subject: str = ""
+    pmids: tuple = ()                # the PubMed articles the item is built from (PubMedQA, BioASQ)
 
     @property
     def is_multiple_choice(self):
@@ -226,11 +228,12 @@ def read_pubmedqa(path, split_file=None, split="test"):
             raise TaskFormatError(f"{split_file}: PMID {unknown[0]} is not in {path}")
         keep = pmids if split == "test" else ids - pmids
     return [Example(id=pmid, question=q, context="\n".join(ctx), label=PUBMEDQA_LABELS.index(d),
-                    labels=PUBMEDQA_LABELS)
+                    labels=PUBMEDQA_LABELS, pmids=(pmid,) if pmid.isdigit() else ())
             for pmid, q, ctx, d in parsed if keep is None or pmid in keep]
 
 
 BIOASQ_LABELS = ("yes", "no")
+_PUBMED_URL = re.compile(r"pubmed/(\d+)\s*$")  # BioASQ cites http://www.ncbi.nlm.nih.gov/pubmed/<PMID>
 
 
 def read_bioasq(path):
@@ -256,8 +259,11 @@ def read_bioasq(path):
         if not isinstance(snippets, list) or not all(isinstance(s, dict) and isinstance(s.get("text"), str)
                                                      for s in snippets):
             raise TaskFormatError(f"{where}: 'snippets' should be a list of {{\"text\": ...}}")
+        urls = [u for u in q.get("documents", []) if isinstance(u, str)] + \
+            [s["document"] for s in snippets if isinstance(s.get("document"), str)]
+        pmids = tuple(dict.fromkeys(m.group(1) for u in urls if (m := _PUBMED_URL.search(u))))
         out.append(Example(id=str(q.get("id", i)), question=q["body"], context=" ".join(s["text"] for s in snippets),
-                           label=BIOASQ_LABELS.index(answer), labels=BIOASQ_LABELS))
+                           label=BIOASQ_LABELS.index(answer), labels=BIOASQ_LABELS, pmids=pmids))
     return out
 
 
