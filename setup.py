@@ -25,6 +25,7 @@ setup(
         "pyyaml",
         "xxhash>=3",  # checkpoint manifest checksums (XXH3-128)
         "rouge-score>=0.1.2",  # ROUGE-L of generated answers (generative fine-tuning)
+        "datasketch>=1.5",  # MinHash LSH near-duplicate removal (tools/dedup.py)
     ],
     extras_require={
         "train": ["tensorboard"],

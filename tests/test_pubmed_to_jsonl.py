@@ -128,6 +128,7 @@ def test_pmc_article_sections_without_tables_figures_references(tmp_path):
     assert len(docs) == 1
     d = docs[0]
     assert d["id"] == "PMC777" and d["source"] == "pmc_fulltext" and d["year"] == 2021
+    assert d["pmid"] == 12345  # the article's abstract is PMID:12345 (tools/dedup.py --prefer pairs them)
     assert d["journal"] == "BMC Testing" and d["title"] == "Full text of a test article"
     assert d["text"] == ("Full text of a test article\n"
                          "Background: We studied things.\nResults: Things happened.\n"

@@ -148,7 +148,10 @@ class _FileWorker:
             self.kinds.append(RECORD_SKIPPED)
             return
         self.kinds.append(RECORD_WRITTEN)
-        self.out.write(json.dumps({k: doc[k] for k in OUTPUT_FIELDS}, ensure_ascii=False) + "\n")
+        record = {k: doc[k] for k in OUTPUT_FIELDS}
+        if doc.get("source") == "pmc_fulltext" and doc.get("pmid") is not None:
+            record["pmid"] = doc["pmid"]  # pairs the full text with its abstract (tools/dedup.py --prefer)
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _skip_reason(self, doc):
         f = self.filters
