@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""tools/decontaminate.py on a large corpus: throughput (documents, MB and words per second) and
-peak memory (the main process and its workers together), with 1 worker and with all cores.
+"""tools/decontaminate.py on a large corpus: throughput (documents, MB, words and BPE tokens per
+second) and peak memory (the main process and its workers together), with 1 worker and with all
+cores. Tokens are counted with a BioMedLM-style byte-level BPE (vocabulary 28,896) trained on
+the corpus's own documents.
 
 The corpus is synthetic PubMed-like JSON lines (--size-mb, 1 GB by default: a base of generated
 abstracts repeated under new ids), the evaluation sets synthetic MedMCQA-format questions with
@@ -69,15 +71,18 @@ def main():
     os.makedirs(work, exist_ok=True)
     try:
         base = list(synthetic.pubmed_like_documents(20000, seed=1))
+        from megatron_biomed.data.tokenizer import train_bpe
+        tok = train_bpe((d["title"] + "\n" + d["text"] for d in base), vocab_size=28896, show_progress=False)
+        base_tokens = [len(e.ids) for e in tok.encode_batch([d["title"] + "\n" + d["text"] for d in base])]
         mc = synthetic.medmcqa_like(args.eval_items, 2)
         planted = {}
         for k in range(5):  # long questions, five of them planted in the corpus
             mc[k]["question"] = f"In a study number {k} " + " ".join(synthetic.rare_word(__import__('random').Random(k))
                                                                     for _ in range(14))
-        corpus, size, words, n = os.path.join(work, "corpus.jsonl"), 0, 0, 0
+        corpus, size, words, tokens, n = os.path.join(work, "corpus.jsonl"), 0, 0, 0, 0
         with open(corpus, "w") as f:
             while size < args.size_mb * 1e6:
-                for d in base:
+                for d, d_tokens in zip(base, base_tokens):
                     d = dict(d, id=f"PMID:{10_000_000 + n}")
                     if n in (1000, 2000, 3000, 4000, 5000):
                         k = (1000, 2000, 3000, 4000, 5000).index(n)
@@ -87,13 +92,15 @@ def main():
                     f.write(line)
                     size += len(line)
                     words += len(d["text"].split()) + len(d["title"].split())
+                    tokens += d_tokens  # the planted questions' few tokens aside
                     n += 1
                     if size >= args.size_mb * 1e6:
                         break
         evalf = os.path.join(work, "medmcqa.json")
         with open(evalf, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in mc)
-        print(f"corpus: {n:,} documents, {size / 1e9:.2f} GB, {words:,} words; {args.eval_items} evaluation items, "
+        print(f"corpus: {n:,} documents, {size / 1e9:.2f} GB, {words:,} words, {tokens:,} tokens; "
+              f"{args.eval_items} evaluation items, "
               f"{len(planted)} planted; {os.cpu_count()} cores\n", flush=True)
         rows = []
         for workers in (1, os.cpu_count()):
@@ -104,11 +111,11 @@ def main():
             found = open(ids).read().split()
             assert sorted(found) == sorted(planted), (found, planted)
             rows.append((workers, seconds, peak))
-        print("| workers | seconds | documents/s | MB/s | words/s | peak RSS MB (all processes) |")
-        print("|---|---|---|---|---|---|")
+        print("| workers | seconds | documents/s | MB/s | words/s | tokens/s | peak RSS MB (all processes) |")
+        print("|---|---|---|---|---|---|---|")
         for workers, seconds, peak in rows:
             print(f"| {workers} | {seconds:.1f} | {n / seconds:,.0f} | {size / 1e6 / seconds:.1f} | "
-                  f"{words / seconds:,.0f} | {peak:.0f} |")
+                  f"{words / seconds:,.0f} | {tokens / seconds:,.0f} | {peak:.0f} |")
         print(f"\nall {len(planted)} planted documents found, and no other, in every run")
     finally:
         if not args.workdir:
