@@ -12,25 +12,13 @@ import argparse
 import collections
 import json
 import os
-import re
 import sys
-import unicodedata
 
 import xxhash
 
-from megatron_biomed.errors import UsageError, UserError, add_debug_flag, entry_point
+from megatron_biomed.data.corpus import CorpusError, map_chunks, read_jsonl_documents, words, write_kept_lines
+from megatron_biomed.errors import UsageError, add_debug_flag, entry_point
 from megatron_biomed.utils import atomic_output, clean_stale_temps, progress
-
-_NON_WORD = re.compile(r"[^\w]+|_")
-
-
-class CorpusError(UserError, ValueError):
-    pass
-
-
-def words(text):
-    """Lower-cased words with punctuation removed (NFKC first, so look-alike characters match)."""
-    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).split()
 
 
 def gram_hashes(ws, n):
@@ -99,16 +87,8 @@ def _scan_chunk(chunk):
 
 
 def read_jsonl_corpus(path, text_key="text", id_key="id"):
-    """(position, id, text) of each document of a JSON lines corpus; the title, when there is
-    one, is part of the text (PubMedQA's questions are article titles)."""
-    from megatron_biomed.utils import iter_json_objects
-    for line_no, record in iter_json_objects(path, CorpusError):
-        text = record.get(text_key)
-        if not isinstance(text, str):
-            raise CorpusError(f"{path}:{line_no}: no string field {text_key!r}; name the text field with --text-key")
-        title = record.get("title")
-        if isinstance(title, str) and title:
-            text = title + "\n" + text
+    """(position, id, text incl. the title) of each document of a JSON lines corpus."""
+    for line_no, record, text in read_jsonl_documents(path, text_key):
         yield line_no, str(record.get(id_key, line_no)), text
 
 
@@ -133,48 +113,18 @@ def read_indexed_corpus(prefix, tokenizer):
         yield d + 1, ids[d] if ids else str(d + 1), tokenizer.decode(tokens)
 
 
-def _chunks(docs, size):
-    chunk = []
-    for doc in docs:
-        chunk.append(doc)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def scan(index, docs, workers=None, chunk_docs=256, show_progress=True):
     """{position: (doc id, n-gram hashes, PMID hit)} of the contaminated documents."""
-    import multiprocessing
-    workers = workers or os.cpu_count() or 1
     found = {}
     bar = progress(total=None, unit=" docs", desc="scanning", disable=not show_progress)
-    if workers == 1:
-        _init_worker(index)
-        results = map(_scan_chunk, _chunks(docs, chunk_docs))
-        pool = None
-    else:
-        ctx = multiprocessing.get_context("fork")  # the index is shared copy-on-write, not pickled per task
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(index,))
-        results = pool.imap(_scan_chunk, _sized(_chunks(docs, chunk_docs), bar), chunksize=1)
     try:
-        for part in results:
+        for part in map_chunks(_scan_chunk, docs, workers or os.cpu_count() or 1, _init_worker, index, bar,
+                               chunk_docs):
             for position, doc_id, hits, pmid in part:
                 found[position] = (doc_id, hits, pmid)
-            if pool is None:
-                bar.update(chunk_docs)
     finally:
-        if pool is not None:
-            pool.terminate()
         bar.close()
     return found
-
-
-def _sized(chunks, bar):
-    for chunk in chunks:
-        bar.update(len(chunk))
-        yield chunk
 
 
 def report(index, found):
@@ -290,11 +240,6 @@ def main(argv=None):
         with atomic_output(args.drop_ids, "w", encoding="utf-8") as f:
             f.writelines(f"{doc_id}\n" for doc_id, _, _ in (found[k] for k in sorted(found)))
     if args.drop:
-        kept = 0
-        with open(args.corpus, encoding="utf-8-sig") as src, atomic_output(args.drop, "w", encoding="utf-8") as f:
-            for line_no, line in enumerate(src, 1):
-                if line.strip() and line_no not in found:
-                    f.write(line if line.endswith("\n") else line + "\n")
-                    kept += 1
+        kept = write_kept_lines(args.corpus, args.drop, found)
         print(f"wrote {args.drop}: {kept} documents kept, {len(found)} dropped", file=sys.stderr)
     return 0

@@ -18,9 +18,9 @@ import sys
 
 import xxhash
 
-from megatron_biomed.data.decontaminate import CorpusError, words
+from megatron_biomed.data.corpus import CorpusError, map_chunks, read_jsonl_documents, words, write_kept_lines
 from megatron_biomed.errors import UsageError, add_debug_flag, entry_point
-from megatron_biomed.utils import atomic_output, clean_stale_temps, iter_json_objects, progress
+from megatron_biomed.utils import atomic_output, clean_stale_temps, progress
 
 _SETTINGS = {}
 
@@ -48,23 +48,13 @@ def _pmid_of_abstract(doc_id):
     return int(doc_id[5:]) if doc_id.startswith("PMID:") and doc_id[5:].isdigit() else None
 
 
-def read_docs(path, text_key="text"):
-    """(line number, record, text incl. title) of each document."""
-    for line_no, record in iter_json_objects(path, CorpusError):
-        text = record.get(text_key)
-        if not isinstance(text, str):
-            raise CorpusError(f"{path}:{line_no}: no string field {text_key!r}; name the text field with --text-key")
-        title = record.get("title")
-        yield line_no, record, (title + "\n" + text) if isinstance(title, str) and title else text
-
-
 def pair_policy(path, prefer, text_key):
     """Line numbers to drop under --prefer: abstracts whose PMC full text is in the corpus
     (fulltext) or those full texts (abstract)."""
     if prefer == "both":
         return {}
     abstracts, fulltexts = {}, {}
-    for line_no, record, _ in read_docs(path, text_key):
+    for line_no, record, _ in read_jsonl_documents(path, text_key):
         pmid = _pmid_of_abstract(str(record.get("id", "")))
         if pmid is not None:
             abstracts.setdefault(pmid, (line_no, record["id"]))
@@ -80,8 +70,6 @@ def dedup(path, output, threshold=0.8, num_perm=128, shingle=5, prefer="fulltext
           workers=None, show_progress=True):
     """Write the kept documents of `path` (their lines byte for byte, in order) to `output`;
     returns (counts, removed [{id, reason, duplicate_of}])."""
-    import multiprocessing
-
     from datasketch import MinHashLSH
     if not 0 < threshold <= 1:
         raise UsageError(f"--threshold {threshold}: give a Jaccard similarity in (0, 1]")
@@ -89,31 +77,17 @@ def dedup(path, output, threshold=0.8, num_perm=128, shingle=5, prefer="fulltext
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     exact_seen, kept_sigs, removed = {}, {}, []
     counts = collections.Counter()
-    workers = workers or os.cpu_count() or 1
-
-    def chunks():
-        chunk = []
-        for line_no, record, text in read_docs(path, text_key):
-            ids[line_no] = str(record.get("id", line_no))
-            chunk.append((line_no, text))
-            if len(chunk) == 256:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
     ids = {}
-    pool = None
-    if workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(
-            workers, initializer=_init_worker, initargs=({"num_perm": num_perm, "shingle": shingle},))
-        results = pool.imap(_signatures, chunks())
-    else:
-        _init_worker({"num_perm": num_perm, "shingle": shingle})
-        results = map(_signatures, chunks())
+
+    def texts():  # the ids stay here; the workers get the texts
+        for line_no, record, text in read_jsonl_documents(path, text_key):
+            ids[line_no] = str(record.get("id", line_no))
+            yield line_no, text
     drop = set()
     bar = progress(total=None, unit=" docs", desc="deduplicating", disable=not show_progress)
     try:
-        for part in results:
+        for part in map_chunks(_signatures, texts(), workers or os.cpu_count() or 1, _init_worker,
+                               {"num_perm": num_perm, "shingle": shingle}, bar):
             for line_no, (exact, m) in part:
                 counts["documents"] += 1
                 doc_id = ids.pop(line_no)
@@ -134,16 +108,9 @@ def dedup(path, output, threshold=0.8, num_perm=128, shingle=5, prefer="fulltext
                     drop.add(line_no)
                     counts[reason] += 1
                     removed.append({"id": doc_id, "reason": reason, "duplicate_of": other})
-            bar.update(len(part))
     finally:
-        if pool is not None:
-            pool.terminate()
         bar.close()
-    counts["kept"] = counts["documents"] - len(drop)
-    with open(path, encoding="utf-8-sig") as src, atomic_output(output, "w", encoding="utf-8") as f:
-        for line_no, line in enumerate(src, 1):
-            if line.strip() and line_no not in drop:
-                f.write(line if line.endswith("\n") else line + "\n")
+    counts["kept"] = write_kept_lines(path, output, drop)
     return counts, removed
 
 
