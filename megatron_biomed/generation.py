@@ -151,6 +151,17 @@ def build_parser():
     return add_debug_flag(p)
 
 
+def fill_template(template, where, fields):
+    """A --prompt-template filled from a record's fields (`\\n` as typed on a command line is a
+    newline); a missing field or a malformed template is a ValueError naming `where` or the flag."""
+    try:
+        return template.replace("\\n", "\n").format(**fields)
+    except KeyError as e:
+        raise ValueError(f"{where}: no field {e.args[0]!r} for --prompt-template") from None
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"--prompt-template {template!r}: {e}; name the fields, e.g. {{question}}") from None
+
+
 def _prompts(args):
     """(record, prompt text) pairs from --prompt and --input."""
     from megatron_biomed.utils import iter_json_objects
@@ -159,13 +170,7 @@ def _prompts(args):
     if args.input:
         for line_no, record in iter_json_objects(args.input):
             if args.prompt_template is not None:
-                try:
-                    text = args.prompt_template.replace("\\n", "\n").format(**record)
-                except KeyError as e:
-                    raise ValueError(f"{args.input}:{line_no}: no field {e.args[0]!r} for --prompt-template") from None
-                except (IndexError, ValueError) as e:
-                    raise ValueError(f"--prompt-template {args.prompt_template!r}: {e}; name the fields, "
-                                     f"e.g. {{question}}") from None
+                text = fill_template(args.prompt_template, f"{args.input}:{line_no}", record)
             elif isinstance(record.get(args.prompt_key), str):
                 text = record[args.prompt_key]
             else:

@@ -58,12 +58,11 @@ def _answer(prompt, text):
 
 
 def _render(template, where, question, record):
+    from megatron_biomed.generation import fill_template
     try:
-        return template.replace("\\n", "\n").format(**dict(record, question=question))
-    except KeyError as e:
-        raise TaskFormatError(f"{where}: no field {e.args[0]!r} for --prompt-template") from None
-    except (IndexError, ValueError) as e:
-        raise TaskFormatError(f"--prompt-template {template!r}: {e}; name the fields, e.g. {{question}}") from None
+        return fill_template(template, where, dict(record, question=question))
+    except ValueError as e:
+        raise TaskFormatError(str(e)) from None
 
 
 def _kind(record):

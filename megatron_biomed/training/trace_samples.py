@@ -69,9 +69,9 @@ def span_tokens(dataset, trace):
 @contextlib.contextmanager
 def one_process_group():
     """A process group of this process alone, when there is none."""
-    import gc
-
     import torch.distributed as dist
+
+    from megatron_biomed.parallel.mesh import destroy
     if dist.is_initialized():
         yield
         return
@@ -79,9 +79,7 @@ def one_process_group():
     try:
         yield
     finally:
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        destroy()
 
 
 def build_parser():
