@@ -3,10 +3,12 @@
 (each step a fresh process, wall clock including imports) and peak memory (VmHWM).
 
 The source is a Hugging Face directory of BioMedLM's shape (random weights, bf16 safetensors,
-as the released model). Rows: transformers `from_pretrained` + `save_pretrained` (baseline) vs
-our HF -> ours TP2xPP2 and ours -> HF (checked bit-identical to the source, same dtype); then
-loading for generation, transformers `from_pretrained` vs our `load_for_inference`, in bf16
-and fp32. The ratio column is seconds / the matching transformers row.
+as the released model). Each step's source is read once before it (so it is in the page cache,
+as a model just downloaded or written is), and each step starts after `sync`. Rows:
+transformers `from_pretrained` + `save_pretrained` (baseline) vs our HF -> ours TP2xPP2 and
+ours -> HF (checked bit-identical to the source, same dtype); then loading for generation,
+transformers `from_pretrained` vs our `load_for_inference`, in bf16 and fp32. The ratio column
+is seconds / the matching transformers row, best against best.
 
     python benchmarks/convert.py                       # BioMedLM 2.7B (~16 GB of disk, ~16 GB RAM)
     python benchmarks/convert.py --model gpt2-medium
@@ -56,11 +58,14 @@ def child(argv):
     """Run one step in this process and print its peak RSS."""
     kind, args = argv[0], argv[1:]
     t0 = time.time()
-    if kind == "tool":
-        from megatron_biomed.convert.cli import main
-        code = main(args)
-        if code:
-            sys.exit(code)
+    if kind == "tool":  # tools/convert_checkpoint.py as a user runs it
+        import runpy
+        sys.argv = ["convert_checkpoint.py", *args]
+        try:
+            runpy.run_path(os.path.join(ROOT, "tools", "convert_checkpoint.py"), run_name="__main__")
+        except SystemExit as e:
+            if e.code:
+                raise
     elif kind in ("hf_load_save", "hf_load_save_sync"):  # transformers' own round trip: load, save
         from transformers import GPT2LMHeadModel
         GPT2LMHeadModel.from_pretrained(args[0], dtype="auto").save_pretrained(args[1])
@@ -92,6 +97,17 @@ def measure(kind, *args):
     return wall, peak
 
 
+def warm(root):
+    """Read every file under `root` once, so a step reads its source from the page cache whatever
+    wrote it (our converter writes with direct I/O, which leaves nothing there)."""
+    buf = bytearray(64 << 20)
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
 def same_weights(a, b):
     """Every tensor of two HF directories bit-identical, in the same dtype."""
     import glob
@@ -115,8 +131,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="biomedlm-2.7b", help="preset (biomedlm-2.7b, gpt2-medium, gpt2-small)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed at the end)")
-    p.add_argument("--repeat", type=int, default=2, help="runs of each step; the fastest is reported (the "
-                   "page cache and disk make single runs noisy)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of all steps; each step's fastest and median "
+                   "run are reported (the page cache and disk make single runs noisy)")
     args = p.parse_args()
 
     import torch
@@ -141,52 +157,54 @@ def main():
         write_hf(source, hf_src, torch.bfloat16, "5GB")
         print(f"wrote the random bf16 Hugging Face model in {time.time() - t0:.0f} s", flush=True)
 
-        rows, base = [], {}
-
-        def run(label, kind, *a, baseline=None):
-            runs = []
-            for _ in range(args.repeat):
-                save = a[a.index("--save") + 1] if "--save" in a else a[1] if kind.startswith("hf_load_save") else None
-                if save:  # the output of the previous repeat
-                    shutil.rmtree(save, ignore_errors=True)
-                os.sync()  # every run starts with nothing of an earlier one still being written out
-                runs.append(measure(kind, *a))
-            seconds, peak = min(r[0] for r in runs), max(r[1] for r in runs)
-            if baseline is None:
-                base[label] = seconds
-            ratio = seconds / base[baseline] if baseline else 1.0
-            rows.append((label, seconds, peak, peak / weights_gb, ratio))
-            print(f"  {label}: {seconds:.1f} s, peak RSS {peak:.2f} GiB", flush=True)
-
-        tf_out = os.path.join(work, "hf_tf")
-        run("transformers: from_pretrained + save_pretrained", "hf_load_save", hf_src, tf_out)
-        shutil.rmtree(tf_out)
-        run("transformers: the same + fsync of its files", "hf_load_save_sync", hf_src, tf_out,
-            baseline="transformers: from_pretrained + save_pretrained")
-        shutil.rmtree(tf_out)
-        ours = os.path.join(work, "ours_tp2pp2")
-        run("ours: HF -> ours TP2xPP2", "tool", "--load", hf_src, "--save", ours, "--target-format",
-            "megatron_biomed", "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
-            "--no-tokenizer", baseline="transformers: from_pretrained + save_pretrained")
-        back = os.path.join(work, "hf_back")
-        run("ours: ours TP2xPP2 -> HF", "tool", "--load", ours, "--save", back, "--target-format", "hf",
-            "--no-tokenizer", baseline="transformers: from_pretrained + save_pretrained")
-        identical, count = same_weights(hf_src, back)
-        print(f"  round trip HF -> ours -> HF: {count} tensors, "
-              f"{'all bit-identical in the source dtype' if identical else 'DIFFERENT'}", flush=True)
-        shutil.rmtree(back)
+        # Each round runs every step once, in order (each a fresh process, after `sync`, so
+        # nothing an earlier step wrote is still going to the disk); rounds repeat --repeat
+        # times and each step's fastest run is reported, so drift in the machine's speed over
+        # the run touches all rows alike.
+        tf_out, ours, back = (os.path.join(work, d) for d in ("hf_tf", "ours_tp2pp2", "hf_back"))
+        base_label = "transformers: from_pretrained + save_pretrained"
+        steps = [
+            (base_label, None, tf_out, "hf_load_save", hf_src, tf_out),
+            ("transformers: the same + fsync of its files", base_label, tf_out, "hf_load_save_sync", hf_src, tf_out),
+            ("ours: HF -> ours TP2xPP2", base_label, ours, "tool", "--load", hf_src, "--save", ours,
+             "--target-format", "megatron_biomed", "--target-tensor-parallel-size", "2",
+             "--target-pipeline-parallel-size", "2", "--no-tokenizer", "--force"),
+            ("ours: ours TP2xPP2 -> HF", base_label, back, "tool", "--load", ours, "--save", back,
+             "--target-format", "hf", "--no-tokenizer", "--force"),
+        ]
         for dtype in ("bf16", "fp32"):
             label = f"transformers: from_pretrained ({dtype}) + 1 forward"
-            run(label, "hf_load", hf_src, dtype)
-            run(f"ours: load_for_inference ({dtype}) + 1 forward", "ours_load", ours, dtype, vocab, merges,
-                baseline=label)
-
+            steps.append((label, None, None, "hf_load", hf_src, dtype))
+            steps.append((f"ours: load_for_inference ({dtype}) + 1 forward", label, None, "ours_load", ours, dtype,
+                          vocab, merges))
+        sources = {"hf_load_save": lambda a: a[0], "hf_load_save_sync": lambda a: a[0], "hf_load": lambda a: a[0],
+                   "ours_load": lambda a: a[0], "tool": lambda a: a[a.index("--load") + 1]}
+        runs = {step[0]: [] for step in steps}
+        identical = count = None
+        for round_ in range(args.repeat):
+            for label, _, output, kind, *a in steps:
+                if output:  # the output of the previous round
+                    shutil.rmtree(output, ignore_errors=True)
+                warm(sources[kind](a))  # every step reads its source from the page cache
+                os.sync()
+                runs[label].append(measure(kind, *a))
+                print(f"  round {round_ + 1}: {label}: {runs[label][-1][0]:.1f} s", flush=True)
+                if label.startswith("ours: ours TP2xPP2 -> HF") and identical is None:
+                    identical, count = same_weights(hf_src, back)
+                    print(f"  round trip HF -> ours -> HF: {count} tensors, "
+                          f"{'all bit-identical in the source dtype' if identical else 'DIFFERENT'}", flush=True)
+        rows = []
+        for label, baseline, *_ in steps:
+            seconds, peak = min(r[0] for r in runs[label]), max(r[1] for r in runs[label])
+            median = sorted(r[0] for r in runs[label])[len(runs[label]) // 2]
+            ratio = seconds / min(r[0] for r in runs[baseline]) if baseline else 1.0
+            rows.append((label, seconds, median, peak, peak / weights_gb, ratio))
         print()
-        print(f"| {args.model} ({n_params / 1e9:.2f}B, bf16 source) | seconds | vs transformers | peak RSS GiB | "
-              f"peak / bf16 weights |")
-        print("|---|---|---|---|---|")
-        for label, seconds, peak, ratio, vs in rows:
-            print(f"| {label} | {seconds:.1f} | {vs:.2f}x | {peak:.2f} | {ratio:.2f}x |")
+        print(f"| {args.model} ({n_params / 1e9:.2f}B, bf16 source) | best s | median s | best vs transformers "
+              f"| peak RSS GiB | peak / bf16 weights |")
+        print("|---|---|---|---|---|---|")
+        for label, seconds, median, peak, ratio, vs in rows:
+            print(f"| {label} | {seconds:.1f} | {median:.1f} | {vs:.2f}x | {peak:.2f} | {ratio:.2f}x |")
         print(f"\nround trip bit-identical in bf16: {identical}")
     finally:
         if not args.workdir:

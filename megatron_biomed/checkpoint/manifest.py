@@ -7,6 +7,7 @@ xxHash's XXH3-128 reads at about the speed of memory (15 GB/s on one core here, 
 hashes the files it wrote itself, so the manifest adds about 2% to a save.
 """
 import json
+import mmap
 import os
 
 import xxhash
@@ -15,19 +16,20 @@ from megatron_biomed.utils import atomic_output
 
 MANIFEST = "manifest.json"
 ALGORITHM = "xxh3_128"
-_CHUNK = 8 << 20
+_CHUNK = 64 << 20  # a multiple of the mapping granularity
 
 
 def stream_file(path, update):
-    """Call `update(chunk)` for each chunk of `path`, read into one reused buffer."""
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
+    """Call `update(chunk)` for each chunk of `path`: views of a read-only mapping of it, so the
+    bytes are hashed where the page cache holds them rather than copied out first (the copy
+    took 4x the hash's CPU when a conversion verified its source)."""
     with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            update(view[:n])
+        size = os.fstat(f.fileno()).st_size
+        for start in range(0, size, _CHUNK):
+            length = min(_CHUNK, size - start)
+            with mmap.mmap(f.fileno(), length, offset=start, prot=mmap.PROT_READ,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as m, memoryview(m) as view:
+                update(view)
 
 
 def hash_file(path):
@@ -39,6 +41,21 @@ def hash_file(path):
 def file_entry(directory, name):
     path = os.path.join(directory, name)
     return {"size": os.path.getsize(path), ALGORITHM: hash_file(path)}
+
+
+class StreamingEntry:
+    """A file's manifest entry computed from its bytes as they are written (`update` each in
+    turn), so a file written with direct I/O is not read back from the disk to be hashed."""
+
+    def __init__(self):
+        self._hash, self.size = xxhash.xxh3_128(), 0
+
+    def update(self, data):
+        self._hash.update(data)
+        self.size += memoryview(data).nbytes
+
+    def entry(self):
+        return {"size": self.size, ALGORITHM: self._hash.hexdigest()}
 
 
 def _map(fn, items):

@@ -243,7 +243,7 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
 
     d = iteration_dir(out_dir, iteration)
     os.makedirs(d)
-    S.write_dcp(d, specs, produce, progress)
+    written = S.write_dcp(d, specs, produce, progress)
     meta = {"iteration": iteration, "consumed_samples": consumed,
             "layout": {"tp": tensor_parallel_size, "pp": pipeline_parallel_size},
             "world_size": None, "converted_from": source.description,
@@ -254,7 +254,7 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
         meta["config"]["vocab_file"] = None  # resolved to <root>/tokenizer/ on load
     with open(os.path.join(d, CONFIG), "w") as f:
         json.dump(meta, f, indent=1, default=str)
-    MF.write_manifest(d, MF.file_entries(d, os.listdir(d)))
+    MF.write_manifest(d, {**MF.file_entries(d, set(os.listdir(d)) - set(written)), **written})
     with open(os.path.join(out_dir, LATEST), "w") as f:
         f.write(f"{iteration}\n")
 
