@@ -430,3 +430,23 @@ def test_a_flipped_byte_anywhere_stops_conversion_and_generation(tmp_path, train
     assert not (tmp_path / "back").exists() and not list(tmp_path.glob("back.tmp*"))
     r = generate_tool("--load", ours, "--prompt", "x", "--max-new-tokens", "2", check=1)
     assert f"{bad}: checksum mismatch" in r.stderr
+
+
+def test_no_direct_io_writes_the_same_files(tmp_path):
+    """--no-direct-io (for file systems where O_DIRECT is slow) changes how the bytes reach the
+    disk, not the bytes: every tensor file of both directions is identical."""
+    import filecmp
+    random_hf_gpt2(tmp_path / "hf")
+    for flags, suffix in (([], "direct"), (["--no-direct-io"], "buffered")):
+        convert("--load", tmp_path / "hf", "--save", tmp_path / f"ours_{suffix}", "--target-format",
+                "megatron_biomed", "--target-tensor-parallel-size", "2", "--no-tokenizer", *flags)
+        convert("--load", tmp_path / f"ours_{suffix}", "--save", tmp_path / f"hf_{suffix}", "--target-format", "hf",
+                "--no-tokenizer", *flags)
+    it = "iter_0000000"
+    shards = sorted(f for f in os.listdir(tmp_path / "ours_direct" / it) if f.endswith(".distcp"))
+    assert len(shards) > 10 and shards == sorted(f for f in os.listdir(tmp_path / "ours_buffered" / it)
+                                                 if f.endswith(".distcp"))
+    for d, names in ((os.path.join("ours_{}", it), shards), ("hf_{}", ["model.safetensors", "config.json"])):
+        match, mismatch, errors = filecmp.cmpfiles(tmp_path / d.format("direct"), tmp_path / d.format("buffered"),
+                                                   names, shallow=False)
+        assert not mismatch and not errors and len(match) == len(names)

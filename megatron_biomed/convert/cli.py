@@ -46,6 +46,10 @@ def build_parser():
     g.add_argument("--activation", choices=["gelu_new", "gelu"], default=None,
                    help="default: from the args (fused bias-gelu and --openai-gelu are gelu_new)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --save")
+    p.add_argument("--no-direct-io", action="store_true",
+                   help="write through the page cache instead of with direct I/O (O_DIRECT, used where the file "
+                        "system takes it: faster and lighter on CPU on local disks and parallel file systems; try "
+                        "this where it is slow, e.g. some NFS mounts). The files are the same either way")
     p.add_argument("--no-verify-checkpoint", action="store_true",
                    help="do not check our checkpoint's files against its manifest.json checksums")
     return add_debug_flag(p)
@@ -164,10 +168,11 @@ def convert(args):
         with verified_reads(source):  # the output is renamed into place only once the source verifies
             if args.target_format == "hf":
                 from megatron_biomed.convert.hf import write_hf
-                write_hf(source, tmp, DTYPES.get(args.dtype), args.max_shard_size, tokenizer, bar)
+                write_hf(source, tmp, DTYPES.get(args.dtype), args.max_shard_size, tokenizer, bar,
+                         direct_io=not args.no_direct_io)
             else:
                 write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                           tokenizer, bar, DTYPES.get(args.dtype))
+                           tokenizer, bar, DTYPES.get(args.dtype), direct_io=not args.no_direct_io)
         bar.bar.close()
         S.sync_tree(tmp)  # on disk before the rename makes it --save
         if os.path.exists(save):

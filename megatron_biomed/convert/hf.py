@@ -298,8 +298,9 @@ class HFSource:
         return None
 
 
-def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, progress=None):
-    """Write `source` (any converter source) as a GPT2LMHeadModel directory in `out_dir`."""
+def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, progress=None, direct_io=True):
+    """Write `source` (any converter source) as a GPT2LMHeadModel directory in `out_dir`
+    (direct_io: see storage.OutputFile)."""
     import threading
 
     from megatron_biomed.data.tokenizer import EOD_TOKEN, save_tokenizer
@@ -328,7 +329,7 @@ def write_hf(source, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None, 
         return to_hf_tensor(name, source.model_tensor(name), cfg)
     weight_map, total = {}, 0
     for fname, shard in shards:
-        S.write_safetensors(os.path.join(out_dir, fname), shard, produce, progress)
+        S.write_safetensors(os.path.join(out_dir, fname), shard, produce, progress, direct_io)
         for name, shape, dt in shard:
             weight_map[name] = fname
             total += S.tensor_bytes(shape, dt)

@@ -202,12 +202,13 @@ def check_layout(cfg, tensor_parallel_size, pipeline_parallel_size):
 
 
 def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1, tokenizer=None,
-               progress=None, dtype=None):
+               progress=None, dtype=None, direct_io=True):
     """Write `source` as our checkpoint (root `out_dir`, one iteration) laid out for TP x PP:
     the embedding padded for that TP size, optimizer state carried over from our own
     checkpoints. DCP maps the tensors onto the ranks of that layout when training loads it.
     Model weights keep the source's dtype unless `dtype` is given (a bf16 Hugging Face model stays
-    bf16, so a round trip gives back what went in; training loads them into fp32 master weights)."""
+    bf16, so a round trip gives back what went in; training loads them into fp32 master weights).
+    direct_io: see storage.OutputFile."""
     cfg = source.config
     check_layout(cfg, tensor_parallel_size, pipeline_parallel_size)
     padded = cfg.padded_vocab_size(tensor_parallel_size)
@@ -243,7 +244,7 @@ def write_ours(source, out_dir, tensor_parallel_size=1, pipeline_parallel_size=1
 
     d = iteration_dir(out_dir, iteration)
     os.makedirs(d)
-    written = S.write_dcp(d, specs, produce, progress)
+    written = S.write_dcp(d, specs, produce, progress, direct_io)
     meta = {"iteration": iteration, "consumed_samples": consumed,
             "layout": {"tp": tensor_parallel_size, "pp": pipeline_parallel_size},
             "world_size": None, "converted_from": source.description,

@@ -235,12 +235,13 @@ class OutputFile:
 
     ALIGN = 4096
 
-    def __init__(self, path, staging=8 << 20, on_write=None):
-        """`on_write(bytes)` sees every byte written, in order (a checksum of the file)."""
+    def __init__(self, path, staging=8 << 20, on_write=None, direct=True):
+        """`on_write(bytes)` sees every byte written, in order (a checksum of the file);
+        direct=False writes through the page cache from the start."""
         import numpy as np
         self._on_write = on_write
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        self.direct = hasattr(os, "O_DIRECT")
+        self.direct = direct and hasattr(os, "O_DIRECT")
         try:
             self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError:
@@ -362,9 +363,9 @@ class _StreamingSavePlanner(DefaultSavePlanner):
 class _DirectStream(io.RawIOBase):
     """A file object over an OutputFile, for torch.save and DCP's writer."""
 
-    def __init__(self, path, on_write=None):
+    def __init__(self, path, on_write=None, direct=True):
         super().__init__()
-        self._out = OutputFile(path, on_write=on_write)
+        self._out = OutputFile(path, on_write=on_write, direct=direct)
 
     def writable(self):
         return True
@@ -389,9 +390,9 @@ class _DirectFileSystem(FileSystem):
     """DCP's file system, writing with OutputFile and checksumming each file as it is written
     (`entries`: {file name: manifest entry})."""
 
-    def __init__(self):
+    def __init__(self, direct=True):
         super().__init__()
-        self.entries = {}
+        self.entries, self.direct = {}, direct
 
     @contextlib.contextmanager
     def create_stream(self, path, mode):
@@ -400,7 +401,7 @@ class _DirectFileSystem(FileSystem):
                 yield stream
             return
         checksum = MF.StreamingEntry()
-        with _DirectStream(str(path), on_write=checksum.update) as stream:
+        with _DirectStream(str(path), on_write=checksum.update, direct=self.direct) as stream:
             yield stream
         self.entries[os.path.basename(path)] = checksum.entry()
 
@@ -411,11 +412,12 @@ class _DirectFileSystem(FileSystem):
             self.entries[os.path.basename(new_path)] = entry
 
 
-def write_dcp(directory, specs, produce, progress=None):
+def write_dcp(directory, specs, produce, progress=None, direct_io=True):
     """Write a DCP checkpoint of `specs` ({key: (shape, dtype)}) into `directory`, calling
     `produce(key)` for each tensor as it is written (a background thread runs it one tensor
     ahead), so only a few are in memory at a time; `progress.update(bytes)` after each. Returns
-    the manifest entries of the files written ({name: entry}, checksummed as they were written)."""
+    the manifest entries of the files written ({name: entry}, checksummed as they were written).
+    direct_io=False: through the page cache (OutputFile)."""
     state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
 
     def checked(key):
@@ -440,7 +442,7 @@ def write_dcp(directory, specs, produce, progress=None):
             # sync_files=False: the caller syncs the finished tree once (sync_tree), so writing the
             # next file never waits for the disk to take the last one.
             writer = FileSystemWriter(directory, single_file_per_rank=False, thread_count=1, sync_files=False)
-            writer.fs = _DirectFileSystem()
+            writer.fs = _DirectFileSystem(direct_io)
             with reused_buffers():
                 dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
             return writer.fs.entries
@@ -519,12 +521,12 @@ def read_safetensors_tensor(path, entry):
     return t
 
 
-def write_safetensors(path, items, produce, progress=None):
+def write_safetensors(path, items, produce, progress=None, direct_io=True):
     """Write [(name, shape, dtype), ...] to `path`, calling `produce(name)` for each tensor in turn
     (one ahead, on a background thread); `progress.update(bytes)` after each. The data starts on
     a 4 KB boundary (the header is padded with spaces, as the format allows) and tensors whose
     size is a multiple of 4 KB come first, so every large tensor is written from its buffer
-    with direct I/O (OutputFile)."""
+    with direct I/O (OutputFile; direct_io=False: through the page cache)."""
     align = OutputFile.ALIGN
     items = sorted(items, key=lambda it: tensor_bytes(it[1], it[2]) % align != 0)  # stable
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -542,7 +544,7 @@ def write_safetensors(path, items, produce, progress=None):
             raise CheckpointFormatError(f"{name}: produced shape {tuple(t.shape)}, planned {tuple(shape)}")
         return t
     sizes = {i: tensor_bytes(shape, dtype) for i, (_, shape, dtype) in enumerate(items)}
-    with reused_buffers(), OutputFile(path) as f, \
+    with reused_buffers(), OutputFile(path, direct=direct_io) as f, \
             Prefetch(range(len(items)), lambda i: ready(items[i]), sizes=sizes) as ahead:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for i in range(len(items)):
