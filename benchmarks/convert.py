@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -177,15 +178,13 @@ def main():
             steps.append((label, None, None, "hf_load", hf_src, dtype))
             steps.append((f"ours: load_for_inference ({dtype}) + 1 forward", label, None, "ours_load", ours, dtype,
                           vocab, merges))
-        sources = {"hf_load_save": lambda a: a[0], "hf_load_save_sync": lambda a: a[0], "hf_load": lambda a: a[0],
-                   "ours_load": lambda a: a[0], "tool": lambda a: a[a.index("--load") + 1]}
         runs = {step[0]: [] for step in steps}
         identical = count = None
         for round_ in range(args.repeat):
             for label, _, output, kind, *a in steps:
                 if output:  # the output of the previous round
                     shutil.rmtree(output, ignore_errors=True)
-                warm(sources[kind](a))  # every step reads its source from the page cache
+                warm(a[a.index("--load") + 1] if kind == "tool" else a[0])  # its source in the page cache
                 os.sync()
                 runs[label].append(measure(kind, *a))
                 print(f"  round {round_ + 1}: {label}: {runs[label][-1][0]:.1f} s", flush=True)
@@ -196,7 +195,7 @@ def main():
         rows = []
         for label, baseline, *_ in steps:
             seconds, peak = min(r[0] for r in runs[label]), max(r[1] for r in runs[label])
-            median = sorted(r[0] for r in runs[label])[len(runs[label]) // 2]
+            median = statistics.median(r[0] for r in runs[label])
             ratio = seconds / min(r[0] for r in runs[baseline]) if baseline else 1.0
             rows.append((label, seconds, median, peak, peak / weights_gb, ratio))
         print()

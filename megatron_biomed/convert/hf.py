@@ -71,20 +71,6 @@ def _qkv_from_hf(w, heads):
     return w.reshape(3, heads, -1, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
-_INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bytes_view(t):
-    """A numpy view of a CPU tensor as integers of its element size (as empty_buffer's view:
-    copies between them move bits, whatever the dtype)."""
-    return t.detach().view(_INTS[t.element_size()]).numpy()
-
-
-def _empty_like_transposed(t, rows, cols):
-    """An uninitialised (rows, cols) CPU tensor of t's dtype and a numpy view of its bytes."""
-    return S.empty_buffer((rows, cols), t.dtype)
-
-
 def _block_rows(t):
     """Rows per block of a transposing copy (measured on a 2-core CPU, BioMedLM's shapes): with
     2-byte elements, 128-row blocks of a tall matrix; otherwise 16 rows, whose strided reads stay
@@ -97,8 +83,8 @@ def _transpose(t):
     two converter threads transpose at once)."""
     if t.dim() != 2 or t.numel() < 1 << 16 or t.device.type != "cpu":
         return t.t().contiguous()
-    out, dst = _empty_like_transposed(t, t.shape[1], t.shape[0])
-    src, rows = _bytes_view(t), _block_rows(t)
+    out, dst = S.empty_buffer((t.shape[1], t.shape[0]), t.dtype)
+    src, rows = S.bytes_view(t), _block_rows(t)
     for i in range(0, t.shape[0], rows):
         dst[:, i:i + rows] = src[i:i + rows].T
     return out
@@ -112,8 +98,8 @@ def _qkv_weight_to_hf(w, heads):
     rows, cols = w.shape
     d = rows // (3 * heads)
     step = math.gcd(_block_rows(w), d)
-    out, dst = _empty_like_transposed(w, cols, rows)
-    src = _bytes_view(w)
+    out, dst = S.empty_buffer((cols, rows), w.dtype)
+    src = S.bytes_view(w)
     for r in range(0, rows, step):
         h, rest = divmod(r, 3 * d)
         q, j = divmod(rest, d)
@@ -127,8 +113,8 @@ def _qkv_weight_from_hf(w, heads):
     if w.device.type != "cpu":
         return _qkv_from_hf(w.t(), heads).contiguous()
     cols, rows = w.shape
-    out, dst = _empty_like_transposed(w, rows, cols)
-    src = _bytes_view(w)
+    out, dst = S.empty_buffer((rows, cols), w.dtype)
+    src = S.bytes_view(w)
     grouped = dst.reshape(heads, 3, rows // (3 * heads), cols)
     step = _block_rows(w)
     for i in range(0, cols, step):

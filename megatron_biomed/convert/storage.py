@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
@@ -188,7 +189,7 @@ class _BufferPool:
 
 
 _POOL = None
-_NUMPY_INT = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+_INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @contextlib.contextmanager
@@ -202,23 +203,25 @@ def reused_buffers():
         _POOL = outer
 
 
+def bytes_view(t):
+    """A numpy view of a CPU tensor as integers of its element size: a copy between two such
+    views moves bits, whatever the dtype (bf16 has no numpy type)."""
+    return t.detach().view(_INTS[t.element_size()]).numpy()
+
+
 def empty_buffer(shape, dtype):
-    """An uninitialised CPU tensor and a numpy view of its bytes as integers of its
-    element size (a copy through it moves bits, whatever the dtype), allocated by numpy, which
-    asks the kernel for huge pages (filling it takes far fewer page faults than a torch.empty),
-    and reused from earlier tensors inside reused_buffers()."""
-    import numpy as np
-    itemsize = dtype.itemsize
-    nbytes = math.prod(shape) * itemsize
+    """An uninitialised CPU tensor and its bytes_view(), allocated by numpy, which asks the
+    kernel for huge pages (filling it takes far fewer page faults than a torch.empty), and
+    reused from earlier tensors inside reused_buffers()."""
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = _POOL.take(nbytes) if _POOL is not None and nbytes >= Prefetch.LARGE else aligned_empty(nbytes)
-    view = raw.view(_NUMPY_INT[itemsize]).reshape(shape)
-    return torch.from_numpy(view).view(dtype), view
+    t = torch.from_numpy(raw).view(dtype).view(shape)
+    return t, bytes_view(t)
 
 
 def aligned_empty(nbytes):
     """An uninitialised numpy byte array starting on an OutputFile.ALIGN boundary (so it can be
     written with direct I/O), allocated by numpy, which asks the kernel for huge pages."""
-    import numpy as np
     raw = np.empty(nbytes + OutputFile.ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % OutputFile.ALIGN
     return raw[start:start + nbytes]
@@ -238,7 +241,6 @@ class OutputFile:
     def __init__(self, path, staging=8 << 20, on_write=None, direct=True):
         """`on_write(bytes)` sees every byte written, in order (a checksum of the file);
         direct=False writes through the page cache from the start."""
-        import numpy as np
         self._on_write = on_write
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = direct and hasattr(os, "O_DIRECT")
@@ -250,14 +252,12 @@ class OutputFile:
             self.fd, self.direct = os.open(path, flags, 0o644), False
         self.size, self._fill = 0, 0
         self._stage = aligned_empty(staging) if self.direct else None
-        self._np = np
 
     def write(self, data):
         """Append `data` (bytes, a numpy array or a CPU tensor)."""
         if isinstance(data, torch.Tensor):
             data = data.detach().reshape(-1).view(torch.uint8).numpy()
-        arr = self._np.frombuffer(data, dtype=self._np.uint8) if not isinstance(data, self._np.ndarray) \
-            else data.reshape(-1).view(self._np.uint8)
+        arr = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
         self.size += arr.nbytes
         if self._on_write is not None:
             self._on_write(arr)
