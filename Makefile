@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo bench gpu-check clean
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --disable-pip-version-check -e ".[test]"

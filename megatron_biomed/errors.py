@@ -102,6 +102,8 @@ def entry_point(main):
     """Wrap a `main(argv=None) -> int`: every exception becomes one line and an exit code."""
     @functools.wraps(main)
     def wrapper(argv=None):
+        from megatron_biomed.utils import follow_cpu_budget
+        follow_cpu_budget()
         try:
             return main(argv)
         except SystemExit:

@@ -1,5 +1,7 @@
 """Text generation with our GPT: a KV cache, greedy decoding or sampling with temperature,
 top-k and top-p, stopping at <|endoftext|>. Greedy decoding matches transformers' `generate`."""
+import sys
+
 import torch
 
 from megatron_biomed.model.gpt import KVCache
@@ -263,3 +265,7 @@ def main(argv=None):
         return 1
     return 0
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ memory measured on CPU in the tests and on an H100/H200, README "GPU speed"):
   loss      the last stage's logits and their gradient (vocab / tp columns) and the chunked
             cross entropy's fp32 chunks.
 """
+import sys
 import dataclasses
 from dataclasses import dataclass
 
@@ -222,7 +223,6 @@ def build_parser():
 
     from megatron_biomed.errors import add_debug_flag
     p = argparse.ArgumentParser(
-        prog="tools/plan_run.py",
         description="Memory per GPU and run time of a pretraining run, before submitting it: the --config's "
                     "layout with its memory broken down, then the layouts (TP/PP/DP, micro-batch, recompute, "
                     "FSDP2) that fit, fastest first. Any pretrain_gpt flag (e.g. --micro-batch-size 8) "
@@ -324,3 +324,7 @@ def main(argv=None):
     args, rest = build_parser().parse_known_args(argv)
     print(plan(args, rest))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -450,3 +450,107 @@ def test_no_direct_io_writes_the_same_files(tmp_path):
         match, mismatch, errors = filecmp.cmpfiles(tmp_path / d.format("direct"), tmp_path / d.format("buffered"),
                                                    names, shallow=False)
         assert not mismatch and not errors and len(match) == len(names)
+
+
+# -- the prefetch threads share a Megatron-LM source ---------------------------------------------
+def test_megatron_lm_stacked_cache_is_right_under_every_interleaving(megatron_checkpoints):
+    """Two prefetch threads call model_tensor at once. Forced orderings: (1) a thread's read of a
+    stacked tensor is held while the other thread reads three other stacked tensors (evicting the
+    first from the cache before its reader has used it); (2) a second thread asks for a tensor
+    whose read the first has started (it waits for that read instead of reading again). Each
+    thread must get its own layer of its own tensor, every tensor read once: the old single-slot
+    cache crashed ('NoneType' object is not subscriptable) or handed a thread the other's tensor."""
+    import threading
+    src = MegatronLMSource(str(megatron_checkpoints / "fused"), vocab_size=500)
+    assert src._stacked, "the fused variant keeps layers stacked"
+    stacked = {}  # megatron-core key -> our names in it
+    for name in src.spec_order():
+        key, layer = src._key(name)
+        if layer is not None:
+            stacked.setdefault(key, []).append(name)
+    keys = list(stacked)[:4]
+    assert len(keys) == 4
+
+    def expected(name):
+        key, layer = src._key(name)
+        return MegatronLMSource(str(megatron_checkpoints / "fused"), vocab_size=500).reader.read(key)[layer]
+
+    real_read, calls, gates = src.reader.read, {}, {}
+
+    def gated_read(key):
+        calls[key] = calls.get(key, 0) + 1
+        if key in gates:
+            gates[key].wait(timeout=30)
+        return real_read(key)
+
+    src._stacked_cache._read = gated_read
+    results = {}
+
+    def ask(name):
+        results[name] = src.model_tensor(name)
+
+    # (1) the first thread's tensor is evicted while it is being read
+    first = stacked[keys[0]][1]
+    gates[keys[0]] = threading.Event()
+    a = threading.Thread(target=ask, args=(first,))
+    a.start()
+    while calls.get(keys[0]) != 1:
+        time.sleep(0.01)
+    others = [stacked[k][0] for k in keys[1:]]
+    for name in others:
+        ask(name)
+    gates[keys[0]].set()
+    a.join(timeout=30)
+    for name in [first] + others:
+        assert torch.equal(results[name], expected(name)), name
+
+    # (2) a second thread waits for the read the first has started
+    calls.clear()
+    key = keys[0]  # evicted by the three others: read again
+    gates[key] = threading.Event()
+    names = stacked[key][:2]
+    threads = [threading.Thread(target=ask, args=(n,)) for n in names]
+    threads[0].start()
+    while calls.get(key) != 1:
+        time.sleep(0.01)
+    threads[1].start()
+    time.sleep(0.2)
+    assert calls[key] == 1 and threads[1].is_alive()  # waiting, not reading a second time
+    gates[key].set()
+    for t in threads:
+        t.join(timeout=30)
+    assert calls[key] == 1
+    for name in names:
+        assert torch.equal(results[name], expected(name)), name
+
+    # (3) a failed read is raised to the caller and not cached: the next call reads again
+    def failing_read(k):
+        raise OSError(5, "Input/output error", k)
+    src._stacked_cache._read = failing_read
+    with pytest.raises(OSError):
+        src.model_tensor(stacked[keys[1]][1])  # keys[1] was evicted by (2)
+    src._stacked_cache._read = real_read
+    assert torch.equal(src.model_tensor(stacked[keys[1]][1]), expected(stacked[keys[1]][1]))
+
+
+def test_save_is_never_inside_or_around_load_and_force_keeps_foreign_checkpoints(tmp_path):
+    src = tmp_path / "hf"
+    random_hf_gpt2(src)
+    ours = tmp_path / "ck"
+    convert("--load", src, "--save", ours, "--target-format", "megatron_biomed")
+    iter0 = ours / "iter_0000000"
+    for save, what in ((ours, "contains --load"), (iter0 / "out", "lies inside --load"), (iter0, "is --load")):
+        r = convert("--load", iter0, "--save", save, "--target-format", "hf", "--force", "--no-tokenizer", check=2)
+        assert f"error: --save {save}: {what}" in r.stderr, r.stderr
+        assert (iter0 / ".metadata").exists()
+    # a training run's directory (not written by this tool) is never replaced, even with --force
+    run = tmp_path / "run"
+    shutil.copytree(ours, run)
+    os.remove(run / ".written-by-megatron-biomed-convert")
+    r = convert("--load", src, "--save", run, "--target-format", "megatron_biomed", "--force", check=2)
+    assert "holds a checkpoint this tool did not write" in r.stderr and (run / "iter_0000000" / ".metadata").exists()
+    # an earlier conversion's output is replaced with --force
+    out = tmp_path / "hf_out"
+    convert("--load", ours, "--save", out, "--target-format", "hf", "--no-tokenizer")
+    convert("--load", ours, "--save", out, "--target-format", "hf", "--no-tokenizer", "--force")
+    assert json.loads((out / ".written-by-megatron-biomed-convert").read_text())["source"] == str(ours)

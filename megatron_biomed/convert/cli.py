@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from megatron_biomed.checkpoint.run_lock import check_apart
 from megatron_biomed.convert import storage as S
 from megatron_biomed.convert.storage import CheckpointFormatError
 from megatron_biomed.errors import UsageError, add_debug_flag, entry_point
@@ -143,12 +144,41 @@ class _Progress:
         self.hook()
 
 
+# Written into every output, so that --force knows what it may replace.
+OUTPUT_MARKER = ".written-by-megatron-biomed-convert"
+
+
+def _checkpoint_in(path):
+    """What checkpoint files `path` holds (a short description), or None."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name in (".metadata", "metadata.json", "latest_checkpointed_iteration.txt", "pytorch_model.bin",
+                        "common.pt") or name.endswith((".safetensors", ".distcp", ".pt", ".bin")):
+                return os.path.join(dirpath, name)
+    return None
+
+
+def check_save(args):
+    """--save apart from --load; an existing, non-empty --save replaced only with --force, and only
+    when it holds no checkpoint but one this tool wrote."""
+    check_apart(args.load, args.save)
+    save = os.path.abspath(args.save)
+    if not os.path.exists(save) or (os.path.isdir(save) and not os.listdir(save)):
+        return
+    if not os.path.isdir(save):
+        raise UsageError(f"--save {args.save}: exists and is not a directory; give a directory to write")
+    if not args.force:
+        raise UsageError(f"--save {args.save}: exists and is not empty; pass --force to replace it")
+    found = None if os.path.exists(os.path.join(save, OUTPUT_MARKER)) else _checkpoint_in(save)
+    if found:
+        raise UsageError(f"--save {args.save}: holds a checkpoint this tool did not write ({found}); --force "
+                         f"only replaces an earlier conversion's output: delete it yourself, or give another --save")
+
+
 def convert(args):
     save = os.path.abspath(args.save)
-    if os.path.abspath(args.load) == save:
-        raise CheckpointFormatError("--save must differ from --load")
-    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)) and not args.force:
-        raise UsageError(f"--save {args.save}: exists and is not empty; pass --force to replace it")
+    check_save(args)
     source = open_source(args)
     from megatron_biomed.convert.ours import check_layout, model_size_bytes, verified_reads, write_ours
     total = model_size_bytes(source)
@@ -174,6 +204,9 @@ def convert(args):
                 write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                            tokenizer, bar, DTYPES.get(args.dtype), direct_io=not args.no_direct_io)
         bar.bar.close()
+        with open(os.path.join(tmp, OUTPUT_MARKER), "w") as f:
+            json.dump({"source": os.path.abspath(args.load), "target_format": args.target_format}, f)
+            f.write("\n")
         S.sync_tree(tmp)  # on disk before the rename makes it --save
         if os.path.exists(save):
             old = save + ".old"
@@ -217,3 +250,7 @@ def main(argv=None):
     with _no_cyclic_gc():
         convert(args)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

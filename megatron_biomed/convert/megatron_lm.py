@@ -10,10 +10,13 @@ which is our order, so only names change. Only models with learned absolute posi
 LayerNorm, biases and a tied output layer match our architecture; anything else is refused.
 """
 import argparse
+import collections
+import concurrent.futures
 import json
 import os
 import pickle
 import re
+import threading
 
 import torch
 
@@ -76,6 +79,39 @@ def read_args(directory):
     return vars(args) if isinstance(args, argparse.Namespace) else None
 
 
+class StackedCache:
+    """The last few stacked tensors ([layers, ...]), safe to share between the prefetch threads
+    that call `model_tensor` at once: each key is read once, by the first thread to ask for it
+    (the others wait for that read); a caller keeps the tensor it was handed even when another
+    thread evicts it from the cache meanwhile."""
+
+    def __init__(self, read, keep=3):
+        self._read, self._keep = read, keep
+        self._lock = threading.Lock()
+        self._entries = collections.OrderedDict()  # key -> Future, oldest first
+
+    def get(self, key):
+        with self._lock:
+            future = self._entries.get(key)
+            mine = future is None
+            if mine:
+                future = self._entries[key] = concurrent.futures.Future()
+                while len(self._entries) > self._keep:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(key)
+        if mine:
+            try:
+                future.set_result(self._read(key))
+            except BaseException as e:
+                with self._lock:
+                    if self._entries.get(key) is future:
+                        del self._entries[key]
+                future.set_exception(e)
+                raise
+        return future.result()
+
+
 class MegatronLMSource:
     def __init__(self, path, iteration=None, num_attention_heads=None, vocab_size=None, activation=None):
         self.directory = find_iteration_dir(path, iteration)
@@ -93,7 +129,7 @@ class MegatronLMSource:
         self.description = f"Megatron-LM {self.directory}"
         self.iteration = 0
         self.config = self._config(num_attention_heads, vocab_size, activation)
-        self._cache = (None, None)
+        self._stacked_cache = StackedCache(self.reader.read)
         self.specs = {}
         for name, (shape, _) in expected_specs(self.config).items():
             key, layer = self._key(name)
@@ -182,11 +218,8 @@ class MegatronLMSource:
         key, layer = self._key(name)
         if layer is None or not self._stacked:
             t = self.reader.read(key)
-        else:  # keep the last stacked tensor: consecutive layers of one kind read it once
-            if self._cache[0] != key:
-                self._cache = (None, None)
-                self._cache = (key, self.reader.read(key))
-            t = self._cache[1][layer].clone()
+        else:  # consecutive layers of one kind read their stacked tensor once
+            t = self._stacked_cache.get(key)[layer].clone()
         return t[:self.config.vocab_size] if name == "wte.weight" else t
 
     def spec_order(self):

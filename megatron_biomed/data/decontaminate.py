@@ -243,3 +243,7 @@ def main(argv=None):
         kept = write_kept_lines(args.corpus, args.drop, found)
         print(f"wrote {args.drop}: {kept} documents kept, {len(found)} dropped", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -449,3 +449,7 @@ def main(argv=None):
         return 2
     print(format_summary(counts, errors, args.output), file=sys.stderr)
     return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -201,8 +201,18 @@ def check_dataset(prefix):
     if actual < expected:
         raise ValueError(f"{bin_path}: {actual} bytes, but {idx_path} describes {expected} (truncated or partly "
                          f"copied); copy it again or rerun tools/preprocess_data.py")
+    if actual > expected:  # training would read documents at the wrong offsets, silently
+        raise ValueError(f"{bin_path}: {actual} bytes, but {idx_path} describes {expected}: the .idx was made for "
+                         f"another .bin; copy the pair together or rerun tools/preprocess_data.py")
     if len(lengths) == 0:
         raise ValueError(f"{prefix}: the dataset has no documents; rerun tools/preprocess_data.py on the right input")
+    # the sequences lie back to back from byte 0, as every writer lays them out
+    ends = np.cumsum(lengths.astype(np.int64)) * itemsize
+    if pointers[0] != 0 or not np.array_equal(pointers[1:], ends[:-1]):
+        bad = 0 if pointers[0] != 0 else int(np.flatnonzero(pointers[1:] != ends[:-1])[0]) + 1
+        raise ValueError(f"{idx_path}: sequence {bad} starts at byte {int(pointers[bad])} of {bin_path}, but the "
+                         f"sequences before it end at {int(ends[bad - 1]) if bad else 0}: the index is damaged; "
+                         f"rerun tools/preprocess_data.py")
 
 
 def find_prefixes(directory):

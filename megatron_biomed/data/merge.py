@@ -43,3 +43,7 @@ def main(argv=None):
           + (f"; {w.dropped:,} superseded documents dropped" if args.drop_superseded else ""),
           file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

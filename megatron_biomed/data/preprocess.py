@@ -477,3 +477,7 @@ def main(argv=None):
         for path in indexed.dataset_paths(prefix):
             print(path)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

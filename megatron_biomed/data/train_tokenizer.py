@@ -96,3 +96,7 @@ def main(argv=None):
              f" (the corpus supports fewer merges than --vocab-size {args.vocab_size})"),
           file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

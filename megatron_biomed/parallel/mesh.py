@@ -1,10 +1,14 @@
 """Process group and device mesh from the torchrun or Slurm environment."""
+import errno
 import os
 import re
+import socket
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+
+from megatron_biomed.errors import UserError
 
 
 def _first_host(nodelist):
@@ -26,11 +30,32 @@ def distributed_env(environ=os.environ):
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         rank, world = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"])
         local = int(environ.get("SLURM_LOCALID", 0))
-    else:
-        return 0, 1, 0, "127.0.0.1", 29500
+    else:  # one process: any free port, so that two single-process runs on a machine never collide
+        return 0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT") or 0) or free_port()
     addr = environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     port = int(environ.get("MASTER_PORT") or 20000 + int(environ.get("SLURM_JOB_ID", "9500")) % 40000)
     return rank, world, local, addr, port
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PortInUseError(UserError, RuntimeError):
+    pass
+
+
+def _address_in_use(e):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.EADDRINUSE or "EADDRINUSE" in str(e) or "address already in use" \
+                in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def init_distributed(backend=None):
@@ -42,7 +67,14 @@ def init_distributed(backend=None):
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", addr)
         os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world)
+        try:
+            dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world)
+        except Exception as e:  # noqa: BLE001 - torch raises DistNetworkError / RuntimeError
+            if not _address_in_use(e):
+                raise
+            raise PortInUseError(f"MASTER_PORT {os.environ['MASTER_PORT']}: already in use on "
+                                 f"{os.environ['MASTER_ADDR']} (another job on this node?); set MASTER_PORT to a "
+                                 f"free port, or leave it unset under srun (a port from the job id is used)") from None
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 

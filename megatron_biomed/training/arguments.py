@@ -89,7 +89,6 @@ def add_training_args(parser):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_biomed.pretrain_gpt",
         description="Pretrain a GPT (BioMedLM preset by default) on Megatron .bin/.idx datasets with "
                     "tensor, pipeline and data parallelism. Launch with torchrun or srun.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -97,7 +96,76 @@ def build_parser():
     return add_debug_flag(add_training_args(add_parallel_args(add_model_args(parser))))
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs():
+    """The names `--config` finds in the package (examples/configs links to the same files)."""
+    try:
+        return sorted(n[:-5] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml"))
+    except OSError:
+        return []
+
+
+def resolve_config(path):
+    """`path` as given when it exists; otherwise a packaged config by name (`tiny`, `tiny.yaml`)."""
+    if os.path.exists(path):
+        return path
+    name = os.path.basename(path)
+    name = name[:-5] if name.endswith(".yaml") else name
+    if os.sep not in path and name in packaged_configs():
+        return os.path.join(CONFIG_DIR, name + ".yaml")
+    raise ConfigError(f"--config {path}: no such file, and not a packaged config "
+                      f"({', '.join(packaged_configs())}); give a YAML file's path or one of those names")
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def _typed(action, value, where):
+    """A YAML value for `action`, of exactly the kind the flag takes (never silently converted)."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not true or false")
+        return value
+    if action.nargs in ("+", "*"):
+        values = value if isinstance(value, list) else str(value).split()
+        bad = [v for v in values if isinstance(v, (list, dict))]
+        if bad:
+            raise ConfigError(f"{where}: {bad[0]!r} is not a single value; give a list of names and numbers")
+        return [str(v) for v in values]
+    typ = action.type
+    if isinstance(value, (list, dict)) or (isinstance(value, bool) and typ in (int, float)):
+        raise ConfigError(f"{where}: {value!r} is not {_TYPE_NAMES.get(typ, 'a single value')}")
+    if typ is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ConfigError(f"{where}: {value!r} is not a whole number")
+        return value
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {value!r} is not a number") from None
+        return float(value)
+    if typ is None or typ is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and action.choices is None:
+            return str(value)
+        return value
+    try:
+        return typ(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {value!r}: {e}") from None
+
+
 def _yaml_defaults(parser, path):
+    path = resolve_config(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -107,23 +175,20 @@ def _yaml_defaults(parser, path):
         raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    by_flag = {}
+    by_name = {}
     for action in parser._actions:
         for opt in action.option_strings:
             if opt.startswith("--"):
-                by_flag[opt[2:]] = action
+                by_name[opt[2:]] = action
+    for action in parser._actions:  # a saved run's settings (config.yaml) are keyed by destination
+        by_name.setdefault(action.dest.replace("_", "-"), action)
     out = {}
     for key, value in data.items():
-        action = by_flag.get(str(key).replace("_", "-"))
+        action = by_name.get(str(key).replace("_", "-"))
         if action is None or action.dest in ("config", "help"):
-            raise ConfigError(f"--config {path}: unknown setting {key!r} (not a flag of pretrain_gpt)")
-        if action.nargs == "+" and not isinstance(value, list):
-            value = str(value).split()
-        if action.nargs == "+":
-            value = [str(v) for v in value]
-        elif action.type is not None and value is not None:
-            value = action.type(value)
-        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--config {path}: unknown setting {key!r} (not a flag of {parser.prog})")
+        value = _typed(action, value, f"--config {path}: {key}")
+        if action.choices is not None and value is not None and value not in action.choices:
             raise ConfigError(f"--config {path}: {key}: {value!r} is not one of {list(action.choices)}")
         out[action.dest] = value
     return out
@@ -169,6 +234,18 @@ def finish(args):
     if args.load and not os.path.isdir(args.load) and args.load != args.save:
         raise ConfigError(f"--load {args.load}: no such directory")
     return args
+
+
+SETTINGS = "settings.yaml"  # in --save: the run's settings, written at its start
+_NOT_SETTINGS = ("config", "debug", "eod_id")  # the file read, a switch, a value derived from --vocab-file
+
+
+def run_settings(args, model):
+    """The run's settings keyed by flag (destination names), the model resolved (preset plus
+    overrides, or the checkpoint's shape): `--config` of them runs the same run again."""
+    out = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    out.update({k: v for k, v in vars(model).items() if k in out})
+    return dict(sorted(out.items()))
 
 
 def effective_config(args):

@@ -52,7 +52,7 @@ def _kill_point(point, iteration):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _agree(error):
+def agree(error):
     """Collective: every rank learns whether any rank failed (a one-line message) and raises."""
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, one_line(error) if error is not None else None)
@@ -140,7 +140,7 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
             os.makedirs(tmp)
         except OSError as e:
             error = e
-    _agree(error)
+    agree(error)
     sd = state_dict(model, optimizer, scaler)
     sd["train.iteration"] = torch.tensor(iteration, dtype=torch.int64)
     sd["train.consumed_samples"] = torch.tensor(consumed_samples, dtype=torch.int64)
@@ -178,7 +178,7 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
     elif failed:
         error = CheckpointError(failed[0])
     try:
-        _agree(error)
+        agree(error)
     except CheckpointError as e:
         latest = L.read_latest(root) if os.path.isdir(root) else None
         raise CheckpointError(f"saving {final} failed: {e} (the latest checkpoint is still "
@@ -224,7 +224,7 @@ def clean_stale(root, keep_last=None, keep_every=None):
                 L.prune(root, keep_last, keep_every, log=lambda m: print(m, flush=True))
         except (OSError, L.LayoutError) as e:
             error = e
-    _agree(error)
+    agree(error)
 
 
 def _problems(d, verify):
@@ -333,7 +333,7 @@ def load(root, model, optimizer, scaler, layout, load_optim=True, load_rng=True,
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged file that no manifest could catch
         error = e
     try:
-        _agree(error)
+        agree(error)
     except CheckpointError as e:
         raise CheckpointError(f"{d}: cannot be read ({e}); load an earlier iter_N directory") from None
     for k, target in padded.items():

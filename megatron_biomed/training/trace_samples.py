@@ -121,3 +121,7 @@ def main(argv=None):
             record["row"] = k  # its row in the global batch (rank r of dp reads rows r*gbs/dp ...)
             f.write(json.dumps(record) + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

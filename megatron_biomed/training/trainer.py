@@ -4,6 +4,7 @@ Exit codes: 0 finished (or --exit-interval reached), 75 saved and stopped early 
 SIGUSR1 / --exit-duration-in-mins (requeue the job and it resumes), 1 a failure (NaN loss,
 bad data), 2 a bad setting.
 """
+import sys
 import math
 import os
 import signal
@@ -18,11 +19,13 @@ from megatron_biomed.model.gpt import flops_per_token
 from megatron_biomed.parallel import mesh as M
 from megatron_biomed.parallel.parallelize import ParallelGPT
 from megatron_biomed.training import checkpoint as C
-from megatron_biomed.training.arguments import ConfigError, effective_config, parse_args
+from megatron_biomed.checkpoint import run_lock
+from megatron_biomed.checkpoint.run_lock import check_apart
+from megatron_biomed.training.arguments import SETTINGS, ConfigError, effective_config, parse_args, run_settings
 from megatron_biomed.training.data import build_datasets, get_batch
 from megatron_biomed.training.metrics import Metrics, peak_memory_gb, peak_tflops
 from megatron_biomed.training.optimizer import LossScaler, build_optimizer, lr_at, set_lr
-from megatron_biomed.utils import print0
+from megatron_biomed.utils import atomic_output, print0
 from megatron_biomed.errors import UserError, entry_point, report
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: saved and stopped early; slurm/ scripts requeue on it
@@ -85,7 +88,11 @@ class Trainer:
         config.update(model=dict(preset=args.model, **vars(self.model_config)), layout=self.layout,
                       global_batch_size=self.gbs)
         self.config = config
-        print0("effective config:\n" + yaml.safe_dump(_plain(config), sort_keys=True).rstrip())
+        self.settings = _plain(run_settings(args, self.model_config))
+        print0("effective config (--config of " + (os.path.join(args.save, SETTINGS) if args.save else "a file of this")
+               + " runs it again):\n" + yaml.safe_dump(self.settings, sort_keys=True).rstrip()
+               + f"\nlayout: {self.layout}")
+        self._claim_save_dir()
 
         self.model = ParallelGPT(self.model_config, self.parallel, self.mesh, self.device, seed=args.seed,
                                  param_dtype=torch.bfloat16 if args.bf16 else None, compile=args.compile)
@@ -126,6 +133,24 @@ class Trainer:
                    f"--recompute-granularity full (python tools/plan_run.py --gpus {self.world} lists layouts that fit)")
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _claim_save_dir(self):
+        """Collective, before any work: --save is apart from --load, writable and this run's alone
+        (rank 0 holds its lock until the process ends); the run's settings are written there."""
+        a = self.args
+        check_apart(a.load, a.save, allow_same=True)
+        _refuse_foreign_load(a.load)
+        error = None
+        if a.save and self.rank == 0:
+            try:
+                run_lock.acquire(a.save, tool="training run")
+                with atomic_output(os.path.join(a.save, SETTINGS), "w") as f:
+                    f.write(f"# the settings of the run in {os.path.abspath(a.save)} (written at its start); "
+                            f"pass this file as --config to run it again\n")
+                    yaml.safe_dump(self.settings, f, sort_keys=True)
+            except (OSError, UserError) as e:
+                error = e
+        C.agree(error)
+
     def _checkpoint_model_config(self):
         from megatron_biomed.config import config_from_dict
         a = self.args
@@ -153,6 +178,10 @@ class Trainer:
         iteration, consumed, meta, self.loaded_from = got
         self.model.sync_params()
         if not finetune:
+            if iteration > a.train_iters:
+                raise ConfigError(f"--train-iters {a.train_iters}: the checkpoint loaded ({self.loaded_from}) is "
+                                  f"at iteration {iteration}, so nothing would be trained; raise --train-iters "
+                                  f"above {iteration}, or pass --finetune to start again from iteration 0")
             self.iteration = iteration
             if consumed != iteration * self.gbs:
                 raise ConfigError(f"--load {a.load}: the checkpoint consumed {consumed} samples in {iteration} "
@@ -244,7 +273,8 @@ class Trainer:
         tokens_per_batch = self.gbs * self.model_config.seq_length
         interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0}
         print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {self.gbs} x "
-                f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}")
+               f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}, "
+               f"{torch.get_num_threads()} CPU thread(s) per process")
         self.model.train(True)
         while self.iteration < a.train_iters:
             lr = lr_at(self.iteration, a)
@@ -316,6 +346,21 @@ class Trainer:
         self.metrics.flush()
 
 
+def _refuse_foreign_load(path):
+    """A Hugging Face or Megatron-LM directory given as --load would otherwise be 'no checkpoint
+    there' and training would start from random weights."""
+    if not path or not os.path.isdir(path) or C.read_latest(path) is not None:
+        return
+    hf = os.path.isfile(os.path.join(path, "config.json")) and any(
+        n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json") for n in os.listdir(path))
+    mlm = os.path.isfile(os.path.join(path, "metadata.json"))
+    if hf or mlm:
+        what = "a Hugging Face model" if hf else "a Megatron-LM checkpoint"
+        raise ConfigError(f"--load {path}: is {what}, not a checkpoint of ours; convert it first: "
+                          f"megatron-biomed-convert --load {path} --save DIR --target-format megatron_biomed "
+                          f"(then --load DIR --finetune, or --use-checkpoint-args)")
+
+
 def _plain(obj):
     """Config values as YAML/JSON-safe builtins."""
     if isinstance(obj, dict):
@@ -345,3 +390,7 @@ def main(argv=None):
             trainer.metrics.close()
     M.destroy()
     return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

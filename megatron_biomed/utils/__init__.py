@@ -93,6 +93,35 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def cpu_budget(environ=None):
+    """The CPUs this process is given: its affinity mask, capped by Slurm's SLURM_CPUS_PER_TASK and
+    a cgroup v2 CPU quota (containers). Not os.cpu_count(), which counts the whole node."""
+    environ = os.environ if environ is None else environ
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def follow_cpu_budget():
+    """torch's intra-op threads = cpu_budget(), unless OMP_NUM_THREADS says otherwise (torchrun sets
+    it to 1 per process). torch's own default counts the node's cores, so a tool on a shared node
+    or in a small Slurm allocation would run more threads than it has CPUs."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(cpu_budget())
+
+
 def progress(**kwargs):
     """A tqdm bar on stderr; quiet when not a terminal unless asked (keeps CI logs short)."""
     kwargs.setdefault("file", sys.stderr)
