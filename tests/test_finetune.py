@@ -157,3 +157,45 @@ def test_finetunes_checkpoints_in_layouts_whose_padding_differs(task_files, trai
         _, loss, probs = run(nproc, load, name, "--tensor-model-parallel-size", str(nproc))
         assert loss == pytest.approx(loss1, abs=1e-5), name
         assert max(abs(x - y) for pa, pb in zip(probs, probs1) for x, y in zip(pa, pb)) < 1e-5, name
+
+
+def test_duplicate_ids_and_dev_questions_seen_in_train_are_warned_and_counted(task_files, trained_tokenizer,
+                                                                              tmp_path):
+    """A dev set that shares questions with train (a common slip when splitting a dataset by
+    hand) and a file whose ids repeat: each is one warning naming the file, and the counts are
+    in metrics.json, so that a score can be read for what it is."""
+    train = json.loads("[" + ",".join(open(task_files[2]).read().split("\n")[:-1]) + "]")
+    dev = json.loads("[" + ",".join(open(task_files[1]).read().split("\n")[:-1]) + "]")
+    leaked = [dict(r, id=f"leak{i}", question=r["question"].upper() + " ?") for i, r in enumerate(train[:5])]
+    dev = [dict(r, question=f"{r['question']} (dev item {i})") for i, r in enumerate(dev[:27])]  # unseen
+    dev_path = write_jsonl(tmp_path / "dev.json", dev + leaked)
+    train_path = write_jsonl(tmp_path / "train.json", train + [dict(train[0]), dict(train[1])])
+    out = launch_finetune(1, base(task_files, trained_tokenizer, tmp_path / "ft", epochs=1,
+                                  **{"train-data": train_path, "valid-data": dev_path}))
+    assert f"warning: {train_path}: 2 record(s) repeat an id of an earlier record" in out
+    assert f"warning: {dev_path}: 5 of 32 valid question(s) also occur in --train-data {train_path}" in out
+    checks = json.loads((tmp_path / "ft" / "metrics.json").read_text())["data_checks"]
+    assert checks == {"duplicate_ids": {"train": 2, "valid": 0}, "in_train": {"valid": 5}}
+
+
+def test_a_second_run_on_the_same_save_stops_at_start(task_files, trained_tokenizer, tmp_path):
+    import subprocess
+    import sys
+    from megatron_biomed.checkpoint import run_lock
+    save = tmp_path / "ft"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megatron_biomed.checkpoint import "
+                               "run_lock; run_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+                               str(save)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run([sys.executable, "-m", "megatron_biomed.finetune.trainer",
+                            *base(task_files, trained_tokenizer, save, epochs=1)], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert errors[0].startswith(f"error: --save {save}: in use by another run (host"), errors[0]
+    assert f"PID {holder.pid}" in errors[0] and run_lock.LOCK_NAME in os.listdir(save)
+    assert "fine-tuning on" not in r.stdout and not (save / "metrics.json").exists()

@@ -220,6 +220,8 @@ def test_pretrain_script_stops_requeueing_when_runs_make_no_progress(tmp_path):
         r = run()
         assert r.returncode == 1 and "not requeueing" not in r.stdout, r.stdout + r.stderr
         assert (ckpt / "stalled_restarts.txt").read_text().split() == ["25", str(attempt)]
+        # a fresh run (no stalled_restarts.txt yet) prints no shell noise
+        assert "No such file" not in r.stderr and "integer expression" not in r.stderr, r.stderr
     r = run()
     assert r.returncode == 1
     assert ("not requeueing: 3 runs in a row ended without a checkpoint newer than iteration 25. Look at the end "
@@ -231,6 +233,7 @@ def test_pretrain_script_stops_requeueing_when_runs_make_no_progress(tmp_path):
     (tmp_path / "progress").write_text("")
     r = run()
     assert r.returncode == 0 and "requeueing job 77" in r.stdout, r.stdout + r.stderr
+    assert "No such file" not in r.stderr and "integer expression" not in r.stderr, r.stderr
     assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 77"
     assert not (ckpt / "stalled_restarts.txt").exists()
 

@@ -45,29 +45,37 @@ def holder(directory):
 
 def acquire(directory, flag="--save", tool="run"):
     """Take `directory`'s run lock for this process (idempotent); raise RunLockError naming the
-    holder when another process has it. Creating the directory and the lock file also finds a
+    holder (what it is: `tool`, host, PID, Slurm job) when another process has it. Creating the directory and the lock file also finds a
     read-only or full file system before any work is done."""
     directory = os.path.abspath(directory)
     real = os.path.realpath(directory)
     if real in _held:
         return
+    made_dir = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    path = os.path.join(directory, LOCK_NAME)
+    made_file = not os.path.exists(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunLockError(f"{flag} {directory}: in use by another {tool} ({_describe(holder(directory))}); "
+        info = holder(directory)
+        raise RunLockError(f"{flag} {directory}: in use by another {info.get('tool', 'run')} ({_describe(info)}); "
                            f"wait for it to finish or stop it, or give another {flag}") from None
-    except OSError:
-        os.close(fd)
-        raise
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    info = {"tool": tool, "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    data = (json.dumps(info) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+    except OSError as e:  # a full disk: found now, before any work, and nothing left behind
+        os.close(fd)
+        if made_file:
+            os.unlink(path)
+        if made_dir:
+            os.rmdir(directory)
+        raise OSError(e.errno, e.strerror, path) from None
     _held[real] = fd
 
 

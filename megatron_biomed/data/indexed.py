@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from megatron_biomed.utils import make_temp_dir
+from megatron_biomed.utils import make_temp_dir, naming
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -56,7 +56,8 @@ class IndexedDatasetWriter:
         sequences_per_document = np.asarray(sequences_per_document, dtype=np.int64)
         assert int(sequence_lengths.sum()) == len(tokens)
         assert int(sequences_per_document.sum()) == len(sequence_lengths)
-        self._bin.write(tokens.tobytes())
+        with naming(self.prefix + ".bin"):
+            self._bin.write(tokens.tobytes())
         self._lengths.append(sequence_lengths)
         self._doc_counts.append(sequences_per_document)
         self.num_tokens += len(tokens)
@@ -64,7 +65,8 @@ class IndexedDatasetWriter:
         if self._ids is not None:
             if ids is None or len(ids) != len(sequences_per_document):
                 raise ValueError("one id per document is needed")
-            self._ids.write("".join(f"{i}\n" for i in ids))
+            with naming(self.prefix + ".ids"):
+                self._ids.write("".join(f"{i}\n" for i in ids))
 
     def add_dataset(self, prefix, keep=None):
         """Append an existing dataset (streamed, not loaded); `keep`: optional boolean mask of
@@ -80,7 +82,7 @@ class IndexedDatasetWriter:
         if actual != expected:
             raise ValueError(f"{prefix}.bin: {actual} bytes, but its .idx describes {expected} (truncated or partly "
                              f"copied); copy it again or rerun tools/preprocess_data.py for it")
-        with open(prefix + ".bin", "rb") as f:
+        with open(prefix + ".bin", "rb") as f, naming(self.prefix + ".bin"):
             shutil.copyfileobj(f, self._bin, 16 << 20)
         self._lengths.append(lengths)
         self._doc_counts.append(np.diff(doc_idx))
@@ -93,9 +95,10 @@ class IndexedDatasetWriter:
                                         f"for it, which writes the .ids file")
             with open(ids_path, encoding="utf-8") as f:
                 n = 0
-                for line in f:
-                    self._ids.write(line)
-                    n += 1
+                with naming(self.prefix + ".ids"):
+                    for line in f:
+                        self._ids.write(line)
+                        n += 1
             if n != len(doc_idx) - 1:
                 raise ValueError(f"{ids_path}: {n} ids for {len(doc_idx) - 1} documents{_REDO}")
 
@@ -115,12 +118,15 @@ class IndexedDatasetWriter:
         del data
 
     def finalize(self):
-        self._bin.close()
+        with naming(self.prefix + ".bin"):
+            self._bin.close()
         if self._ids is not None:
-            self._ids.close()
+            with naming(self.prefix + ".ids"):
+                self._ids.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         doc_counts = np.concatenate(self._doc_counts) if self._doc_counts else np.zeros(0, np.int64)
-        write_index(os.path.join(self._tmp, "data.idx"), self.dtype, lengths, doc_counts)
+        with naming(self.prefix + ".idx"):
+            write_index(os.path.join(self._tmp, "data.idx"), self.dtype, lengths, doc_counts)
         bin_path, idx_path, ids_path = dataset_paths(self.prefix)
         # The .idx goes last: a reader never finds a new .idx beside an old or partial .bin.
         with contextlib.suppress(FileNotFoundError):

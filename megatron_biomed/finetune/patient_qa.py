@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_biomed.finetune.loop import (build_optimizer, check_splits, fit_vocab_rows, load_model,
+                                           lr_schedule, prepare_save_dir, reduce_and_clip, set_lr, write_text)
 from megatron_biomed.finetune.tasks import TaskFormatError, _read_json_or_lines
 from megatron_biomed.model.loss import cross_entropy
 from megatron_biomed.parallel.tensor_parallel import IGNORE_INDEX
@@ -262,7 +264,6 @@ class AnswerTuner:
     answer tokens."""
 
     def __init__(self, args, tok, cfg, weights, device, mesh):
-        from megatron_biomed.finetune.trainer import _fit_vocab_rows
         from megatron_biomed.model.gpt import GPT
         self.args, self.tok, self.device, self.mesh = args, tok, device, mesh
         self.tp = args.tensor_model_parallel_size
@@ -271,14 +272,13 @@ class AnswerTuner:
         torch.manual_seed(args.seed)
         gpt = GPT(cfg, tensor_parallel_size=self.tp)
         if weights is not None:
-            gpt.load_state_dict(_fit_vocab_rows(weights, gpt.wte.weight.shape[0], cfg.vocab_size))
+            gpt.load_state_dict(fit_vocab_rows(weights, gpt.wte.weight.shape[0], cfg.vocab_size))
         gpt = gpt.to(device)
         if self.tp > 1:
             from megatron_biomed.parallel.tensor_parallel import apply_tensor_parallel
             apply_tensor_parallel(gpt, mesh["tp"])
         self.model = gpt
         self.params = [p for p in gpt.parameters() if p.requires_grad]
-        from megatron_biomed.finetune.trainer import build_optimizer
         self.optimizer = build_optimizer(self.params, args)
         from megatron_biomed.data.tokenizer import EOD_TOKEN
         self.eos_id = tok.token_to_id(EOD_TOKEN)
@@ -298,7 +298,6 @@ class AnswerTuner:
                              self.tp_group if self.tp > 1 else None, self.tp_rank * logits.shape[-1])
 
     def train_epoch(self, encoded, epoch, step, schedule):
-        from megatron_biomed.finetune.trainer import reduce_and_clip, set_lr
         a = self.args
         order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(a.seed + epoch)).tolist()
         per = a.global_batch_size // self.dp
@@ -369,7 +368,6 @@ def run(args, device):
 
     from megatron_biomed.config import ParallelConfig
     from megatron_biomed.data.tokenizer import EOD_TOKEN, save_tokenizer
-    from megatron_biomed.finetune.trainer import load_model, lr_schedule, prepare_save_dir, write_text
     from megatron_biomed.parallel.mesh import build_mesh
     from megatron_biomed.training import checkpoint as ckpt
     from megatron_biomed.utils import print0
@@ -378,6 +376,9 @@ def run(args, device):
     for split, path in (("train", args.train_data), ("valid", args.valid_data), ("test", args.test_data)):
         if path is not None:  # read first: a bad file fails before the model loads
             read[split] = (path, *read_patient_qa(path, args.prompt_template))
+    prepare_save_dir(args)
+    data_checks = check_splits({split: (path, examples) for split, (path, examples, _) in read.items()},
+                               lambda e: e.prompt)
     tok, cfg, weights = load_model(args)
     data, skipped = {}, collections.Counter()
     for split, (path, examples, info) in read.items():
@@ -408,7 +409,6 @@ def run(args, device):
     print0(f"fine-tuning to answer questions on {len(train[0])} pairs: {args.epochs} epochs x {steps_per_epoch} steps, "
            f"warmup {warmup}, world {dist.get_world_size()} (tp {args.tensor_model_parallel_size}, dp {tuner.dp}); "
            f"loss on answer tokens only")
-    prepare_save_dir(args.save)
     layout = {"tp": args.tensor_model_parallel_size, "pp": 1}
     model_config = {"model": dict(preset=None, **vars(cfg)), "vocab_file": None, "merge_file": None}
     best_root = os.path.join(args.save, "best")
@@ -439,7 +439,7 @@ def run(args, device):
             if dist.get_rank() == 0:
                 write_text(os.path.join(args.save, "valid_generations.jsonl"), _jsonl(rows))
     result = {"task": args.task, "best_epoch": best["epoch"], "best_by": "dev ROUGE-L", "valid": best["valid"],
-              "history": history, "skipped": dict(skipped)}
+              "history": history, "skipped": dict(skipped), "data_checks": data_checks}
     if "test" in data:
         ckpt.load(best_root, tuner.model, None, None, layout, load_optim=False, load_rng=False)
         result["test"], rows = tuner.evaluate(*data["test"])

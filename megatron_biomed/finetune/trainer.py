@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_biomed.finetune import classifier as C
-from megatron_biomed.finetune import tasks as T
 from megatron_biomed.finetune import patient_qa as PQ
+from megatron_biomed.finetune import tasks as T
 from megatron_biomed.finetune import zero_shot as Z
-from megatron_biomed.parallel import parallelize as P
-from megatron_biomed.utils import atomic_output, print0
-from megatron_biomed.errors import add_debug_flag, entry_point
+from megatron_biomed.finetune.loop import (build_optimizer, check_splits, fit_vocab_rows, load_model,
+                                           lr_schedule, prepare_save_dir, reduce_and_clip, set_lr, write_text)
+from megatron_biomed.utils import print0
+from megatron_biomed.errors import UserError, add_debug_flag, entry_point, report
 
 
 def build_parser():
@@ -63,60 +64,6 @@ def build_parser():
     return add_debug_flag(p)
 
 
-def _fit_vocab_rows(weights, rows, vocab_size):
-    """The embedding (and the tied output layer) padded for this TP size, as pretraining's --load
-    does: the real vocabulary's rows kept, padding rows zero (the model masks them out)."""
-    from megatron_biomed.convert.ours import pad_rows
-    out = dict(weights)
-    for key in ("wte.weight", "lm_head.weight"):
-        w = out.get(key)
-        if w is not None and w.shape[0] != rows:
-            out[key] = pad_rows(w[:vocab_size], rows)
-    return out
-
-
-def build_optimizer(params, args):
-    """AdamW as Hugging Face's Trainer sets it up (no decay on biases and LayerNorms)."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def lr_schedule(lr, total_steps, warmup_ratio):
-    """(step -> learning rate, warmup steps): linear warmup, then linear decay to 0."""
-    warmup = max(1, int(warmup_ratio * total_steps))
-    return (lambda step: lr * (step / warmup if step <= warmup else
-                               max(0.0, (total_steps - step) / max(1, total_steps - warmup)))), warmup
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-@torch.no_grad()
-def reduce_and_clip(params, mesh, dp, clip_grad, device):
-    """Average gradients over data parallelism and clip them by their global norm."""
-    P.match_grad_placements(params)
-    if dp > 1:
-        P.average_gradients(params, mesh["dp"].get_group(), dp)
-    norm = P.grad_square_sum(params, device).sqrt()
-    P.clip_gradients(params, clip_grad, norm)
-    return float(norm)
-
-
-def prepare_save_dir(save):
-    os.makedirs(save, exist_ok=True)
-    if dist.get_rank() == 0:
-        for leftover in ("best.tmp", "best.old"):  # a killed run's; this run writes best/ anew
-            path = os.path.join(save, leftover)
-            if os.path.exists(path):
-                shutil.rmtree(path, ignore_errors=True)
-                print0(f"removed {path}: left by an interrupted run")
-    dist.barrier()
-
-
 class FineTuner:
     def __init__(self, args, examples_train, tok, cfg, weights=None, device=torch.device("cpu")):
         from megatron_biomed.parallel.mesh import build_mesh
@@ -139,7 +86,7 @@ class FineTuner:
         torch.manual_seed(args.seed)
         gpt = GPT(cfg, tensor_parallel_size=tp)
         if weights is not None:
-            gpt.load_state_dict(_fit_vocab_rows(weights, gpt.wte.weight.shape[0], cfg.vocab_size))
+            gpt.load_state_dict(fit_vocab_rows(weights, gpt.wte.weight.shape[0], cfg.vocab_size))
         # the same initial head on every rank and in every layout (the GPT's own initialization
         # above draws a TP-dependent number of values: its embedding is padded for TP)
         torch.manual_seed(args.seed)
@@ -211,33 +158,6 @@ class FineTuner:
         return self.model.state_dict()
 
 
-def write_text(path, text):
-    with atomic_output(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def load_model(args):
-    """(tokenizer, model config with the dropout overrides, full weights or None) for --load
-    (our checkpoint or a Hugging Face directory) or a randomly initialised --model preset."""
-    from megatron_biomed.config import preset
-    from megatron_biomed.data.tokenizer import load_tokenizer
-    if args.load:
-        from megatron_biomed.generation import load_for_inference
-        model, tok = load_for_inference(args.load, "cpu", "fp32", args.vocab_file, args.merge_file)
-        cfg, weights = model.config, model.state_dict()
-        del model
-    else:
-        tok = load_tokenizer("GPT2BPETokenizer", args.vocab_file, args.merge_file)
-        cfg, weights = preset(args.model, vocab_size=tok.get_vocab_size()), None
-    overrides = {k: getattr(args, k) for k in ("hidden_dropout", "attention_dropout") if getattr(args, k) is not None}
-    cfg = cfg.replace(**overrides)
-    if args.max_length > cfg.seq_length:
-        print0(f"note: --max-length {args.max_length} is more than the model's {cfg.seq_length} positions: "
-               f"using {cfg.seq_length}")
-        args.max_length = cfg.seq_length
-    return tok, cfg, weights
-
-
 def run(args):
     import torch.distributed.checkpoint as dcp
 
@@ -251,6 +171,11 @@ def run(args):
     test = T.read_task(args.task, args.test_data, args.split_file, "test", args.cop_base) if args.test_data else None
     if not train or not valid:
         raise T.TaskFormatError("no training or validation examples")
+    prepare_save_dir(args)
+    splits = {"train": (args.train_data, train), "valid": (args.valid_data or args.split_file, valid)}
+    if test is not None:
+        splits["test"] = (args.test_data, test)
+    data_checks = check_splits(splits, lambda e: e.question)
     tok, cfg, weights = load_model(args)
     ft = FineTuner(args, train, tok, cfg, weights, device)
     enc_train, enc_valid = ft._encode(train), ft._encode(valid)
@@ -261,7 +186,6 @@ def run(args):
     print0(f"fine-tuning on {len(train)} {args.task} examples ({'multiple choice' if ft.multiple_choice else 'classification'}, "
             f"{ft.num_choices} choices): {args.epochs} epochs x {steps_per_epoch} steps, warmup {warmup}, "
             f"world {dist.get_world_size()} (tp {args.tensor_model_parallel_size}, dp {ft.dp})")
-    prepare_save_dir(args.save)
     m = Z.metrics(valid, ft.predict(valid, enc_valid))
     history = [{"epoch": 0, "valid": m}]
     print0(f" before fine-tuning | dev accuracy {m['accuracy']:.4f}")
@@ -296,7 +220,8 @@ def run(args):
                 shutil.rmtree(old, ignore_errors=True)
                 write_text(os.path.join(args.save, "valid_predictions.jsonl"),
                        "".join(json.dumps(p) + "\n" for p in preds))
-    result = {"task": args.task, "best_epoch": best["epoch"], "valid": best["valid"], "history": history}
+    result = {"task": args.task, "best_epoch": best["epoch"], "valid": best["valid"], "history": history,
+              "data_checks": data_checks}
     if test is not None:
         dcp.load(ft.state(), checkpoint_id=os.path.join(args.save, "best"))
         preds = ft.predict(test, ft._encode(test))
@@ -318,9 +243,10 @@ def main(argv=None):
     code = 0
     try:
         run(args)
-    except (T.TaskFormatError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
+    except (FileNotFoundError, ValueError, UserError) as e:  # raised on every rank alike: said once
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            report(e)
+        code = getattr(e, "exit_code", 1)
     if dist.is_initialized():
         gc.collect()
         dist.barrier()

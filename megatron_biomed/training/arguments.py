@@ -128,7 +128,7 @@ def _typed(action, value, where):
         return None
     if action.nargs == 0:  # store_true / store_false
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not true or false")
+            raise ConfigError(f"{where}: {value!r} is not true or false; write true or false")
         return value
     if action.nargs in ("+", "*"):
         values = value if isinstance(value, list) else str(value).split()
@@ -138,21 +138,22 @@ def _typed(action, value, where):
         return [str(v) for v in values]
     typ = action.type
     if isinstance(value, (list, dict)) or (isinstance(value, bool) and typ in (int, float)):
-        raise ConfigError(f"{where}: {value!r} is not {_TYPE_NAMES.get(typ, 'a single value')}")
+        raise ConfigError(f"{where}: {value!r} is not {_TYPE_NAMES.get(typ, 'a single value')}; "
+                          f"give one value of that kind")
     if typ is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             value = int(value)
         if not isinstance(value, int):
-            raise ConfigError(f"{where}: {value!r} is not a whole number")
+            raise ConfigError(f"{where}: {value!r} is not a whole number; give one, e.g. 4")
         return value
     if typ is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{where}: {value!r} is not a number") from None
+                raise ConfigError(f"{where}: {value!r} is not a number; give one, e.g. 3.0e-4") from None
         return float(value)
     if typ is None or typ is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and action.choices is None:

@@ -15,6 +15,7 @@ and what it left behind is repaired by the next save or start (checkpoint/layout
 A load verifies the checksums first; when `--load` names a run directory, a checkpoint that fails
 is skipped, loudly, for the newest one that verifies.
 """
+import errno
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from megatron_biomed.checkpoint import layout as L
 from megatron_biomed.checkpoint import manifest as MF
 from megatron_biomed.checkpoint.layout import iteration_dir
 from megatron_biomed.checkpoint.metadata import SafeFileSystemReader, read_dcp_metadata, storage_problems
-from megatron_biomed.errors import UserError, one_line
+from megatron_biomed.errors import UserError, find_os_error, one_line
 from megatron_biomed.training.optimizer import init_optimizer_state
 from megatron_biomed.utils import atomic_output, fsync_dir, print0
 
@@ -59,6 +60,15 @@ def agree(error):
     failed = [m for m in messages if m]
     if failed:
         raise CheckpointError(failed[0])
+
+
+def _disk_full(path):
+    """torch.save's zip writer reports a short write as 'unexpected pos', without the errno."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def canonical_name(name):
@@ -151,7 +161,8 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
         # each rank checksums the shards it wrote (still in its page cache)
         entries = MF.file_entries(tmp, [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_")])
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - disk full, read-only, ...: reported by every rank
-        error = e
+        error = e if find_os_error(e) is not None or not _disk_full(tmp) else \
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
     gathered = [None] * world
     dist.all_gather_object(gathered, (one_line(error) if error is not None else None, entries))
     failed = [m for m, _ in gathered if m]

@@ -11,6 +11,18 @@ from tqdm.auto import tqdm
 
 
 @contextlib.contextmanager
+def naming(path):
+    """An OSError raised without a file name (a write() on a full disk) names `path`: the
+    output the user asked for, not a temporary file they never saw."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_output(path, mode="wb", **kwargs):
     """Write to a temp file beside `path`; rename onto `path` only if the block succeeds.
 
@@ -22,7 +34,7 @@ def atomic_output(path, mode="wb", **kwargs):
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
     os.close(fd)
     try:
-        with open(tmp, mode, **kwargs) as f:
+        with naming(path), open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
