@@ -86,6 +86,7 @@ def test_settings_file_runs_the_same_run_again(dataset, tmp_path):
     settings = a / "ckpt" / "settings.yaml"
     saved = yaml.safe_load(settings.read_text())
     assert saved["train_iters"] == 4 and saved["num_layers"] == 4 and "config" not in saved
+    assert saved["lr_decay_iters"] is None  # derived from --train-iters: a rerun with more derives it again
     b = tmp_path / "b"
     code, out = run(["--config", settings, "--save", b / "ckpt", "--tensorboard-dir", b / "tb"])
     assert code == 0, out[-3000:]

@@ -222,8 +222,10 @@ def finish(args):
             raise ConfigError(f"--{flag.replace('_', '-')} is required (on the command line or in --config)")
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive")
+    args._derived = []  # filled in here, so left out of settings.yaml: a rerun derives them again
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+        args._derived.append("lr_decay_iters")
     if args.save_interval is not None and args.save_interval < 1:
         raise ConfigError("--save-interval must be >= 1")
     if args.keep_last_checkpoints is not None and args.keep_last_checkpoints < 1:
@@ -244,11 +246,12 @@ _NOT_SETTINGS = ("config", "debug", "eod_id")  # the file read, a switch, a valu
 def run_settings(args, model):
     """The run's settings keyed by flag (destination names), the model resolved (preset plus
     overrides, or the checkpoint's shape): `--config` of them runs the same run again."""
-    out = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    out = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and not k.startswith("_")}
     out.update({k: v for k, v in vars(model).items() if k in out})
+    out.update({k: None for k in getattr(args, "_derived", [])})
     return dict(sorted(out.items()))
 
 
 def effective_config(args):
     """The settings as a flat mapping (what is printed at start and saved with checkpoints)."""
-    return {k: v for k, v in sorted(vars(args).items())}
+    return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")}
