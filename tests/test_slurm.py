@@ -236,6 +236,17 @@ def test_pretrain_script_stops_requeueing_when_runs_make_no_progress(tmp_path):
     assert "No such file" not in r.stderr and "integer expression" not in r.stderr, r.stderr
     assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 77"
     assert not (ckpt / "stalled_restarts.txt").exists()
+    # torchrun's rendezvous port already taken on the first host: one line naming MASTER_PORT
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        env.update(LAUNCHER="torchrun", MASTER_PORT=str(port))
+        r = run()
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"pretrain_biomedlm: MASTER_PORT {port}: already in use on localhost (another job on this node?); "
+        f"set MASTER_PORT to a free port and submit again"), r.stderr
 
 
 def test_submit_refuses_a_request_no_node_can_hold(slurm, dataset, tmp_path):  # noqa: F811
