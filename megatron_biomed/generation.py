@@ -183,7 +183,7 @@ def _prompts(args):
 def load_for_inference(load, device="auto", dtype="fp32", vocab_file=None, merge_file=None, iteration=None):
     """(our GPT in eval mode, its tokenizers.Tokenizer) from our checkpoint (any layout) or a
     Hugging Face directory, as one process."""
-    from megatron_biomed.convert.cli import detect_format
+    from megatron_biomed.checkpoint.layout import detect_format
     from megatron_biomed.convert.ours import build_model, verified_reads
     from megatron_biomed.convert.storage import CheckpointFormatError
     from megatron_biomed.data.tokenizer import load_tokenizer

@@ -11,10 +11,13 @@ something `clean_stale` repairs on the next start: a .tmp is deleted (it never b
 checkpoint), an .old is deleted when its iter_N exists and renamed back when it does not (it was
 complete when it was moved aside), temporary latest files are deleted.
 """
+import contextlib
+import json
 import os
 import re
 import shutil
 
+from megatron_biomed.checkpoint.metadata import CheckpointFormatError
 from megatron_biomed.utils import atomic_output, fsync_dir
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -131,3 +134,32 @@ def clean_stale(root, log=print):
             os.unlink(path)
             log(f"removed {path}: a temporary file of an interrupted save")
     fsync_dir(root)
+
+
+def detect_format(path):
+    """'hf', 'megatron_biomed' or 'megatron_lm' for a checkpoint directory (a run directory or
+    one iteration's), from the files it holds."""
+    cfg = os.path.join(path, "config.json")
+    if os.path.isfile(cfg):
+        with contextlib.suppress(OSError, ValueError):
+            with open(cfg) as f:
+                d = json.load(f)
+            if "model_type" in d or "architectures" in d or "n_embd" in d:
+                return "hf"
+            if "config" in d and os.path.isfile(os.path.join(path, ".metadata")):
+                return "megatron_biomed"
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return "megatron_lm"
+    latest = os.path.join(path, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(latest):
+        text = open(latest).read().strip()
+        sub = os.path.join(path, "release" if text == "release" else f"iter_{int(text):07d}"
+                           if text.isdigit() else text)
+        if os.path.isfile(os.path.join(sub, "metadata.json")):
+            return "megatron_lm"
+        if os.path.isfile(os.path.join(sub, "config.json")):
+            return "megatron_biomed"
+    if not os.path.exists(path):
+        raise CheckpointFormatError(f"--load {path}: no such directory")
+    raise CheckpointFormatError(f"--load {path}: cannot tell its format (no config.json, metadata.json or "
+                                f"latest_checkpointed_iteration.txt); pass --source-format")

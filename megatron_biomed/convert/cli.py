@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from megatron_biomed.checkpoint.layout import detect_format
 from megatron_biomed.checkpoint.run_lock import check_apart
 from megatron_biomed.convert import storage as S
 from megatron_biomed.convert.storage import CheckpointFormatError
@@ -54,33 +55,6 @@ def build_parser():
     p.add_argument("--no-verify-checkpoint", action="store_true",
                    help="do not check our checkpoint's files against its manifest.json checksums")
     return add_debug_flag(p)
-
-
-def detect_format(path):
-    cfg = os.path.join(path, "config.json")
-    if os.path.isfile(cfg):
-        with contextlib.suppress(OSError, ValueError):
-            with open(cfg) as f:
-                d = json.load(f)
-            if "model_type" in d or "architectures" in d or "n_embd" in d:
-                return "hf"
-            if "config" in d and os.path.isfile(os.path.join(path, ".metadata")):
-                return "megatron_biomed"
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return "megatron_lm"
-    latest = os.path.join(path, "latest_checkpointed_iteration.txt")
-    if os.path.isfile(latest):
-        text = open(latest).read().strip()
-        sub = os.path.join(path, "release" if text == "release" else f"iter_{int(text):07d}"
-                           if text.isdigit() else text)
-        if os.path.isfile(os.path.join(sub, "metadata.json")):
-            return "megatron_lm"
-        if os.path.isfile(os.path.join(sub, "config.json")):
-            return "megatron_biomed"
-    if not os.path.exists(path):
-        raise CheckpointFormatError(f"--load {path}: no such directory")
-    raise CheckpointFormatError(f"--load {path}: cannot tell its format (no config.json, metadata.json or "
-                                f"latest_checkpointed_iteration.txt); pass --source-format")
 
 
 def open_source(args):

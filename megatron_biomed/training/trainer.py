@@ -4,10 +4,10 @@ Exit codes: 0 finished (or --exit-interval reached), 75 saved and stopped early 
 SIGUSR1 / --exit-duration-in-mins (requeue the job and it resumes), 1 a failure (NaN loss,
 bad data), 2 a bad setting.
 """
-import sys
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -15,12 +15,12 @@ import torch.distributed as dist
 import yaml
 
 from megatron_biomed.arguments import model_config, parallel_config
+from megatron_biomed.checkpoint import run_lock
+from megatron_biomed.checkpoint.run_lock import check_apart
 from megatron_biomed.model.gpt import flops_per_token
 from megatron_biomed.parallel import mesh as M
 from megatron_biomed.parallel.parallelize import ParallelGPT
 from megatron_biomed.training import checkpoint as C
-from megatron_biomed.checkpoint import run_lock
-from megatron_biomed.checkpoint.run_lock import check_apart
 from megatron_biomed.training.arguments import SETTINGS, ConfigError, effective_config, parse_args, run_settings
 from megatron_biomed.training.data import build_datasets, get_batch
 from megatron_biomed.training.metrics import Metrics, peak_memory_gb, peak_tflops
@@ -348,14 +348,15 @@ class Trainer:
 
 def _refuse_foreign_load(path):
     """A Hugging Face or Megatron-LM directory given as --load would otherwise be 'no checkpoint
-    there' and training would start from random weights."""
-    if not path or not os.path.isdir(path) or C.read_latest(path) is not None:
+    there' (or fail deep in loading) and training would start from random weights."""
+    if not path or not os.path.isdir(path):
         return
-    hf = os.path.isfile(os.path.join(path, "config.json")) and any(
-        n.endswith((".safetensors", ".bin")) or n.endswith(".safetensors.index.json") for n in os.listdir(path))
-    mlm = os.path.isfile(os.path.join(path, "metadata.json"))
-    if hf or mlm:
-        what = "a Hugging Face model" if hf else "a Megatron-LM checkpoint"
+    try:
+        fmt = C.L.detect_format(path)
+    except UserError:  # empty, or not a checkpoint at all: the loader says what it finds
+        return
+    if fmt != "megatron_biomed":
+        what = "a Hugging Face model" if fmt == "hf" else "a Megatron-LM checkpoint"
         raise ConfigError(f"--load {path}: is {what}, not a checkpoint of ours; convert it first: "
                           f"megatron-biomed-convert --load {path} --save DIR --target-format megatron_biomed "
                           f"(then --load DIR --finetune, or --use-checkpoint-args)")
