@@ -2,7 +2,8 @@
 # The whole pipeline on the bundled sample, on CPU: PubMed/PMC XML -> JSONL -> tokenizer ->
 # Megatron .bin/.idx, a read-back through megatron-core, then a short tensor-parallel
 # pretraining run of the tiny model, conversion to Hugging Face and generation, multiple-choice
-# fine-tuning, and generative fine-tuning on patient questions. Run through `make demo`.
+# fine-tuning, generative fine-tuning on patient questions, and a release of that model answered
+# by CTranslate2. Run through `make demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -130,6 +131,31 @@ assert metrics["valid"]["rougeL"] > metrics["history"][0]["valid"]["rougeL"]
 PY
 "$PYTHON" tools/review_sheet.py --answers before="$OUT/patient_qa/valid_generations_before.jsonl" \
     --answers after="$OUT/patient_qa/valid_generations.jsonl" --output "$OUT/patient_qa/review.html"
+
+echo "== 9. release the patient-QA model (portable weights, model card) and answer with CTranslate2"
+"$PYTHON" tools/release.py --load "$OUT/patient_qa/best" --save "$OUT/release" --dtype fp32
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import ctranslate2
+from ctranslate2.converters import TransformersConverter
+from transformers import AutoTokenizer
+from megatron_biomed.generation import generate, load_for_inference
+out = sys.argv[1]
+TransformersConverter(f"{out}/release").convert(f"{out}/release-ct2", force=True)
+tok = AutoTokenizer.from_pretrained(f"{out}/release")
+question = json.loads(open(f"{out}/qa/dev.jsonl").readline())["question"]
+ids = tok(f"Question: {question}\nAnswer:")["input_ids"]
+engine = ctranslate2.Generator(f"{out}/release-ct2", device="cpu", compute_type="float32")
+theirs = engine.generate_batch([tok.convert_ids_to_tokens(ids)], max_length=24, sampling_topk=1,
+                               include_prompt_in_result=False)[0].sequences_ids[0]
+model, _ = load_for_inference(f"{out}/patient_qa/best", "cpu", "fp32")
+ours, _ = generate(model, ids, max_new_tokens=24, eos_id=tok.eos_token_id)
+ours = [t for t in ours if t != tok.eos_token_id]
+print(f"Q: {question}\n   ours:        {tok.decode(ours)!r}\n   CTranslate2: {tok.decode(theirs)!r}")
+assert ours == theirs, "CTranslate2 and megatron_biomed disagree on the release"
+print(f"the same answer, token for token; model card: {out}/release/README.md")
+PY
 
 echo "== outputs"
 find "$OUT" -type f | sort | xargs ls -l

@@ -25,6 +25,8 @@ COMMANDS = {
     "finetune": ("megatron_biomed.finetune.trainer", "finetune.py", "fine-tune on biomedical QA"),
     "evaluate": ("megatron_biomed.finetune.evaluate_cli", "evaluate.py", "zero-/few-shot QA accuracy"),
     "generate": ("megatron_biomed.generation", "generate.py", "generate text from a checkpoint"),
+    "release": ("megatron_biomed.release", "release.py",
+                "a checkpoint -> a Hugging Face directory ready to upload (portable weights, model card)"),
     "review-sheet": ("megatron_biomed.review_sheet", "review_sheet.py",
                      "a blinded side-by-side sheet of models' answers for clinicians"),
 }

@@ -61,6 +61,7 @@ def test_readme_tour_and_docs_run_as_written(tmp_path):
     assert (work / "runs" / "blend" / "latest_checkpointed_iteration.txt").read_text() == "60\n"
     assert (work / "runs" / "again" / "latest_checkpointed_iteration.txt").read_text() == "20\n"
     assert json.loads((work / "finetune" / "medmcqa" / "metrics.json").read_text())["best_epoch"] in (1, 2)
+    assert "model-index" in (work / "release" / "README.md").read_text()
     assert (work / "qa" / "review.html").exists() and (work / "qa-hf" / "config.json").exists()
     assert len((work / "batch_12.jsonl").read_text().splitlines()) == 8  # tiny's global batch
     assert "fits" in r.stdout  # megatron-biomed-plan's table

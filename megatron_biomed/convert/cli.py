@@ -42,6 +42,10 @@ def build_parser():
                    "the source names or holds)")
     p.add_argument("--merge-file", default=None, help="tokenizer merges.txt to include")
     p.add_argument("--no-tokenizer", action="store_true", help="write a Hugging Face model without tokenizer files")
+    p.add_argument("--portable", action="store_true",
+                   help="Hugging Face output that every engine runs alike: BioMedLM's per-layer attention scale "
+                        "(scores / (layer + 1)) folded into the query weights and bias, and a plain GPT-2 config "
+                        "(vLLM refuses scale_attn_by_inverse_layer_idx, CTranslate2 silently ignores it)")
     g = p.add_argument_group("Megatron-LM import (when its common.pt args are not readable)")
     g.add_argument("--num-attention-heads", type=int, default=None)
     g.add_argument("--vocab-size", type=int, default=None, help="real (unpadded) vocabulary size")
@@ -153,7 +157,13 @@ def check_save(args):
 def convert(args):
     save = os.path.abspath(args.save)
     check_save(args)
+    if args.portable and args.target_format != "hf":
+        raise UsageError("--portable: applies to --target-format hf (our own checkpoints keep the scale as a "
+                         "setting); drop it or convert to hf")
     source = open_source(args)
+    if args.portable:
+        from megatron_biomed.convert.portable import PortableSource
+        source = PortableSource(source)
     from megatron_biomed.convert.ours import check_layout, model_size_bytes, verified_reads, write_ours
     total = model_size_bytes(source)
     if args.target_format == "megatron_biomed":
@@ -201,6 +211,11 @@ def convert(args):
     print(f"converted {source.description} -> {args.target_format} {args.save}{layout}: {cfg.num_layers} layers, "
           f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {total / 1e9:.2f} GB in {time.time() - t0:.1f} s"
           f"{'' if tokenizer is not None else ', no tokenizer'}", flush=True)
+    if args.target_format == "hf" and cfg.scale_attn_by_inverse_layer_idx:
+        print(f"note: {args.save}/config.json keeps BioMedLM's scale_attn_by_inverse_layer_idx: true (exact round "
+              f"trip; transformers honours it), but vLLM refuses such a model and CTranslate2 ignores the flag and "
+              f"generates other tokens without a warning; --portable folds the scale into the query weights and "
+              f"writes a plain GPT-2 config that every engine runs alike", flush=True)
 
 
 @contextlib.contextmanager

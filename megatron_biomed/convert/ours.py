@@ -106,7 +106,9 @@ class OursSource:
     def tokenizer_files(self):
         """(vocab.json, merges.txt) recorded by training or kept beside the checkpoint, or None."""
         cfg = self.meta.get("config", {})
-        candidates = [(cfg.get("vocab_file"), cfg.get("merge_file")),
+        vocab = cfg.get("vocab_file")
+        candidates = [(vocab, cfg.get("merge_file")),
+                      (vocab, os.path.join(os.path.dirname(vocab), "merges.txt") if vocab else None),  # as trained
                       (os.path.join(self.root, TOKENIZER_DIR, "vocab.json"),
                        os.path.join(self.root, TOKENIZER_DIR, "merges.txt"))]
         for vocab, merges in candidates:
