@@ -155,7 +155,7 @@ def main():
             same = f"{sum(a == b for a, b in zip(flat, ref)) / len(ref):.0%}"
             speed = f"{base['seconds'] / x['seconds']:.2f}x"
             mem = f"{x['peak_gib'] / base['peak_gib']:.2f}x"
-        print(f"| {engine} | {dtype} | {batch} | {tps:.2f} | {x["seconds"] / batch:.2f} | {x['peak_gib']:.2f} | "
+        print(f"| {engine} | {dtype} | {batch} | {tps:.2f} | {x['seconds'] / batch:.2f} | {x['peak_gib']:.2f} | "
               f"{same} | {speed} | {mem} |")
 
 
