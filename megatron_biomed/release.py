@@ -236,8 +236,7 @@ def _parameters(cfg):
 # -- the command --------------------------------------------------------------------------------
 def release(args):
     from megatron_biomed.checkpoint.layout import detect_format
-    from megatron_biomed.checkpoint.run_lock import check_apart
-    from megatron_biomed.convert.cli import OUTPUT_MARKER, _checkpoint_in
+    from megatron_biomed.convert.cli import OUTPUT_MARKER, check_save
     from megatron_biomed.convert.hf import write_hf
     from megatron_biomed.convert.ours import OursSource, verified_reads
     from megatron_biomed.convert.portable import PortableSource
@@ -247,15 +246,8 @@ def release(args):
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: a release cannot be written in it; choose "
                          f"{', '.join(sorted(DTYPES))} (int8 is CTranslate2's own conversion of a release)")
-    check_apart(args.load, args.save)
+    check_save(args)  # apart from --load; replaced only with --force, and only an earlier output
     save = os.path.abspath(args.save)
-    if os.path.exists(save) and os.listdir(save):
-        if not args.force:
-            raise UsageError(f"--save {args.save}: exists and is not empty; pass --force to replace an earlier release")
-        found = None if os.path.exists(os.path.join(save, OUTPUT_MARKER)) else _checkpoint_in(save)
-        if found:
-            raise UsageError(f"--save {args.save}: holds a checkpoint this tool did not write ({found}); delete it "
-                             f"yourself, or give another --save")
     if not os.path.isdir(args.load):
         raise UsageError(f"--load {args.load}: no such directory; give a run directory, an iter_N directory or best/")
     fmt = detect_format(args.load)

@@ -15,7 +15,7 @@ from conftest import run_tool, write_jsonl
 from test_convert import convert, our_logits, ours_tp2pp2, random_hf_gpt2  # noqa: F401
 from test_pretrain import base_args, train
 
-from megatron_biomed.convert.ours import OursSource, build_model
+from megatron_biomed.convert.ours import OursSource
 from megatron_biomed.data import synthetic
 from megatron_biomed.generation import generate, load_for_inference
 

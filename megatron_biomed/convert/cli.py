@@ -126,7 +126,7 @@ class _Progress:
 OUTPUT_MARKER = ".written-by-megatron-biomed-convert"
 
 
-def _checkpoint_in(path):
+def checkpoint_file_in(path):
     """What checkpoint files `path` holds (a short description), or None."""
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
@@ -148,7 +148,7 @@ def check_save(args):
         raise UsageError(f"--save {args.save}: exists and is not a directory; give a directory to write")
     if not args.force:
         raise UsageError(f"--save {args.save}: exists and is not empty; pass --force to replace it")
-    found = None if os.path.exists(os.path.join(save, OUTPUT_MARKER)) else _checkpoint_in(save)
+    found = None if os.path.exists(os.path.join(save, OUTPUT_MARKER)) else checkpoint_file_in(save)
     if found:
         raise UsageError(f"--save {args.save}: holds a checkpoint this tool did not write ({found}); --force "
                          f"only replaces an earlier conversion's output: delete it yourself, or give another --save")
