@@ -250,6 +250,15 @@ def test_learns_a_synthetic_patient_qa_task_and_releases_it(qa_files, trained_to
              tmp_path / "gen.jsonl", check=0)
     released = read_jsonl(tmp_path / "gen.jsonl")
     assert [r["completion"].strip() for r in released] == [r["generated"] for r in rows]
+    # megatron-biomed-release of best/: its own run's ROUGE-L on the card, nothing else
+    run_tool("release", "--load", save / "best", "--save", tmp_path / "release", check=0)
+    card = (tmp_path / "release" / "README.md").read_text()
+    import yaml
+    [valid, test] = yaml.safe_load(card.split("---\n")[1])["model-index"][0]["results"]
+    assert valid["dataset"]["name"] == "Patient questions" and valid["dataset"]["split"] == "valid"
+    assert valid["metrics"][0] == {"type": "rougeL", "value": round(metrics["valid"]["rougeL"], 4),
+                                   "name": "rougeL (fine-tuned, greedy answers, ROUGE-L F1)"}
+    assert test["dataset"]["split"] == "test" and "The run's datasets are not recorded" in card
 
 
 _REFERENCE = {}

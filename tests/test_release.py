@@ -127,7 +127,12 @@ def test_release_of_a_pretraining_run_draws_its_card_from_the_run(pretrain_run, 
     metrics = tmp_path / "zero_shot.json"
     run_tool("evaluate", "--load", pretrain_run / "ckpt", "--task", "medmcqa", "--data", mc,
              "--metrics-file", metrics, check=0)
-    r = run_tool("release", "--load", pretrain_run / "ckpt", "--save", rel, "--metrics", metrics, check=0)
+    corpus = write_jsonl(tmp_path / "docs.jsonl", list(synthetic.pubmed_like_documents(40, seed=3)) +
+                         [{"id": "PMID:1", "text": "Leaked: " + json.loads(open(mc).readline())["question"]}])
+    run_tool("decontaminate", "--eval", f"medmcqa={mc}", "--corpus", corpus, "--ngram", 3, "--report",
+             tmp_path / "contamination.json", "--no-progress", check=0)
+    r = run_tool("release", "--load", pretrain_run / "ckpt", "--save", rel, "--metrics", metrics,
+                 "--decontamination-report", tmp_path / "contamination.json", check=0)
     assert "1 evaluation result(s) on the card" in r.stdout
     names = sorted(os.listdir(rel))
     for f in ("README.md", "config.json", "generation_config.json", "loss_curves.png", "model.safetensors",
@@ -150,6 +155,9 @@ def test_release_of_a_pretraining_run_draws_its_card_from_the_run(pretrain_run, 
     assert "| iterations | 6 |" in card and f"| tokens seen | {6 * 8 * 32:,} " in card
     assert f"| `{os.path.basename(dataset['prefix'])}` | {tokens:,} |" in card
     assert "not medical advice" in card and "review-sheet" in card and "![training and validation loss]" in card
+    report = json.loads((tmp_path / "contamination.json").read_text())["sets"]
+    [(set_name, counts)] = report.items()
+    assert counts["contaminated"] >= 1 and f"| {set_name} | {counts['items']} | {counts['contaminated']} |" in card
     # it loads as it is
     generate_ = pipeline("text-generation", model=str(rel))
     assert generate_("The patients", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("The patients")
