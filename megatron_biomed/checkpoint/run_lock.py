@@ -79,12 +79,6 @@ def acquire(directory, flag="--save", tool="run"):
     _held[real] = fd
 
 
-def release(directory):
-    fd = _held.pop(os.path.realpath(os.path.abspath(directory)), None)
-    if fd is not None:
-        os.close(fd)
-
-
 def _within(inner, outer):
     inner, outer = os.path.realpath(inner), os.path.realpath(outer)
     return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)

@@ -9,13 +9,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_biomed.checkpoint import run_lock
-from megatron_biomed.errors import UserError, one_line
+from megatron_biomed.errors import UserError
 from megatron_biomed.parallel import parallelize as P
+from megatron_biomed.training.checkpoint import agree
 from megatron_biomed.utils import atomic_output, print0
-
-
-class SaveDirError(UserError, RuntimeError):
-    pass
 
 
 def fit_vocab_rows(weights, rows, vocab_size):
@@ -71,11 +68,8 @@ def prepare_save_dir(args):
         try:
             run_lock.acquire(save, tool="fine-tuning run")
         except (OSError, UserError) as e:
-            error = one_line(e)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise SaveDirError(box[0])
+            error = e
+    agree(error)  # every rank raises the holder's line, as pretraining's start does
     if dist.get_rank() == 0:
         for leftover in ("best.tmp", "best.old"):  # a killed run's; this run writes best/ anew
             path = os.path.join(save, leftover)
