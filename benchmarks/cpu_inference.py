@@ -19,6 +19,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convert import vm_hwm_gb  # noqa: E402  (benchmarks/convert.py: the process's peak RSS in GiB)
 
 ENGINES = [("transformers", "fp32"), ("ours", "fp32"), ("ours", "bf16"), ("ctranslate2", "float32"),
            ("ctranslate2", "int8")]
@@ -63,14 +65,6 @@ def prompts(vocab_size, batch, length=32):
     return [[rng.randrange(vocab_size - 1) for _ in range(length)] for _ in range(batch)]
 
 
-def peak_rss_gib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
-
-
 def run_engine(engine, dtype, model_dir, batch, new):
     """In this (fresh) process: load, generate once, report as JSON."""
     import torch
@@ -109,7 +103,7 @@ def run_engine(engine, dtype, model_dir, batch, new):
         rows = [r.sequences_ids[0] for r in res]
     seconds = time.perf_counter() - t1
     assert all(len(r) == new for r in rows), [len(r) for r in rows]
-    return {"load_s": load, "seconds": seconds, "rows": rows, "peak_gib": peak_rss_gib()}
+    return {"load_s": load, "seconds": seconds, "rows": rows, "peak_gib": vm_hwm_gb()}
 
 
 def main():

@@ -266,6 +266,5 @@ def main(argv=None):
     return 0
 
 
-
 if __name__ == "__main__":
     sys.exit(main())

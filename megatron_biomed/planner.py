@@ -18,8 +18,8 @@ memory measured on CPU in the tests and on an H100/H200, README "GPU speed"):
   loss      the last stage's logits and their gradient (vocab / tp columns) and the chunked
             cross entropy's fp32 chunks.
 """
-import sys
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 from megatron_biomed.errors import entry_point

@@ -236,12 +236,11 @@ def _parameters(cfg):
 # -- the command --------------------------------------------------------------------------------
 def release(args):
     from megatron_biomed.checkpoint.layout import detect_format
-    from megatron_biomed.convert.cli import OUTPUT_MARKER, check_save
+    from megatron_biomed.convert.cli import check_save, publish_output, start_output
     from megatron_biomed.convert.hf import write_hf
     from megatron_biomed.convert.ours import OursSource, verified_reads
     from megatron_biomed.convert.portable import PortableSource
     from megatron_biomed.data.tokenizer import load_tokenizer
-    from megatron_biomed.utils import fsync_dir, make_temp_dir
     import torch
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: a release cannot be written in it; choose "
@@ -279,7 +278,7 @@ def release(args):
     datasets = dataset_tokens(settings["data_path"]) if settings.get("data_path") else []
     tb_dir = args.tensorboard_dir or settings.get("tensorboard_dir")
     name = args.model_name or os.path.basename(save)
-    tmp = make_temp_dir(save, "release")
+    tmp = start_output(save)
     try:
         with verified_reads(source):
             write_hf(PortableSource(source), tmp, getattr(torch, DTYPES[args.dtype]), tokenizer=tok)
@@ -288,17 +287,7 @@ def release(args):
                           contamination, source.directory)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
-        with open(os.path.join(tmp, OUTPUT_MARKER), "w") as f:
-            json.dump({"source": os.path.abspath(args.load), "target_format": "release"}, f)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not what a directory of files to share needs
-        fsync_dir(tmp)
-        if os.path.exists(save):
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-        fsync_dir(os.path.dirname(save))
+        publish_output(tmp, save, args.load, "release")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

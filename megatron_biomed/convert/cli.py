@@ -154,6 +154,35 @@ def check_save(args):
                          f"only replaces an earlier conversion's output: delete it yourself, or give another --save")
 
 
+def start_output(save):
+    """`<save>.tmp`, made empty, to write the output into; what a killed run left is removed."""
+    tmp = save + ".tmp"
+    for leftover in (tmp, save + ".old"):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+            print(f"removed {leftover}: left by an interrupted run", file=sys.stderr)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish_output(tmp, save, load, target_format):
+    """Mark `tmp` as this tool's output, sync it to disk and make it `save`; an earlier `save` is
+    moved aside first, so a kill at any point leaves one complete output or the other."""
+    with open(os.path.join(tmp, OUTPUT_MARKER), "w") as f:
+        json.dump({"source": os.path.abspath(load), "target_format": target_format}, f)
+        f.write("\n")
+    S.sync_tree(tmp)  # on disk before the rename makes it --save
+    if os.path.exists(save):
+        old = save + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(save, old)
+        os.replace(tmp, save)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, save)
+    fsync_dir(os.path.dirname(save))
+
+
 def convert(args):
     save = os.path.abspath(args.save)
     check_save(args)
@@ -170,12 +199,7 @@ def convert(args):
         check_layout(source.config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size)
         total += sum(S.tensor_bytes(s, d) for s, d in getattr(source, "extra_specs", {}).values())
     tokenizer = _tokenizer(args, source)  # after the checks: its warning only when converting
-    tmp = save + ".tmp"
-    for leftover in (tmp, save + ".old"):  # left by a killed conversion
-        if os.path.exists(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
-            print(f"removed {leftover}: left by an interrupted run", file=sys.stderr)
-    os.makedirs(tmp)
+    tmp = start_output(save)
     t0 = time.time()
     bar = _Progress(total)
     try:
@@ -188,19 +212,7 @@ def convert(args):
                 write_ours(source, tmp, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                            tokenizer, bar, DTYPES.get(args.dtype), direct_io=not args.no_direct_io)
         bar.bar.close()
-        with open(os.path.join(tmp, OUTPUT_MARKER), "w") as f:
-            json.dump({"source": os.path.abspath(args.load), "target_format": args.target_format}, f)
-            f.write("\n")
-        S.sync_tree(tmp)  # on disk before the rename makes it --save
-        if os.path.exists(save):
-            old = save + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(save, old)
-            os.replace(tmp, save)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, save)
-        fsync_dir(os.path.dirname(save))
+        publish_output(tmp, save, args.load, args.target_format)
     except BaseException:
         bar.bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
