@@ -23,7 +23,8 @@ echo "== 3. JSONL -> Megatron indexed dataset (2 workers, 2 partitions keeping t
     --workers 2 --partitions 2 --keep-sequential-samples --chunk-size-mb 0.25
 "$PYTHON" tools/preprocess_data.py --input "$OUT/documents.jsonl" --output-prefix "$OUT/data/pubmed" \
     --tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" \
-    --merge-file "$OUT/tokenizer/merges.txt" --split-sentences --append-eod --no-progress
+    --merge-file "$OUT/tokenizer/merges.txt" --split-sentences --sentence-splitter "$OUT/tokenizer/sentence_splitter.json" \
+    --append-eod --no-progress
 
 echo "== 4. read back with megatron-core's IndexedDataset"
 "$PYTHON" - "$OUT" <<'PY'

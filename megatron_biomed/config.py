@@ -73,6 +73,8 @@ class ParallelConfig:
     data_parallel_sharding: str = "none"     # none (DDP) | optimizer (FSDP2, ZeRO-2) | full (ZeRO-3)
     micro_batch_size: int = 1
     global_batch_size: int = None
+    overlap_grad_reduce: bool = False        # DDP: reduce each gradient bucket during backward
+    ddp_bucket_size: int = None              # gradient elements per bucket (Megatron's default: 40M)
 
     def data_parallel_size(self, world_size):
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)

@@ -91,6 +91,7 @@ def test_split_sentences_offline_and_keep_newlines(trained_tokenizer, tmp_path):
     r = run_tool("preprocess_data", "--input", inp, "--output-prefix", tmp_path / "s",
                  "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", trained_tokenizer / "vocab.json",
                  "--merge-file", trained_tokenizer / "merges.txt", "--split-sentences", "--append-eod",
+                 "--sentence-splitter", trained_tokenizer / "sentence_splitter.json",
                  "--keep-newlines", "--no-progress", check=0)
     assert str(tmp_path / "s_text_sentence.idx") in r.stdout
     ds = megatron_dataset(tmp_path / "s_text_sentence")

@@ -24,7 +24,7 @@ def training_batch(args, step):
     cfg = model_config(a)
     with one_process_group():
         train, _, _ = build_datasets(a, cfg.vocab_size, a.eod_id, 8, cfg.seq_length)
-    tokens, targets = get_batch(train, step, 8, 0, 1)
+    tokens, targets = get_batch(train, step * 8, 8, 0, 1)
     return tokens, targets, train
 
 

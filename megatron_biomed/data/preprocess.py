@@ -15,6 +15,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -59,31 +60,44 @@ class EncodeConfig:
     threads_per_worker: int = 0  # 0: let the Rust tokenizer use every core
 
 
+# Lines end as Python's text mode (Megatron-LM's reader) ends them: at \n, \r\n or a lone \r.
+_LINE_END = re.compile("\r\n|\r|\n")
+
+
+def count_line_ends(data, after_cr=False):
+    """Line ends in `data` (bytes); `after_cr`: the byte before it was a \r (so a leading \n
+    completes that \r\n rather than ending a line of its own)."""
+    n = data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+    return n - 1 if after_cr and data[:1] == b"\n" else n
+
+
 def plan_chunks(paths, chunk_bytes=8 << 20):
-    """Cut the input files into ranges of about `chunk_bytes` that end at a line break."""
+    """Cut the input files into ranges of about `chunk_bytes` that end at a \n (a line break of
+    any kind is a line; the ranges' line numbers count them all)."""
     chunks, base = [], 0
     for path in paths:
         first = len(chunks)
         with open(path, "rb") as f:
-            pos, line, carry = 0, 1, b""
+            pos, line, after_cr, last = 0, 1, False, b""
             start, start_line = 0, 1
             while True:
                 block = f.read(chunk_bytes)
                 if not block:
                     break
                 cut = block.rfind(b"\n")
-                if cut < 0:
-                    pos += len(block)
-                    continue
-                line_count = block.count(b"\n", 0, cut + 1)
-                end = pos + cut + 1
-                line += line_count
-                chunks.append(Chunk(path, start, end, start_line))
-                start, start_line = end, line
+                head, tail = (block, b"") if cut < 0 else (block[:cut + 1], block[cut + 1:])
+                line += count_line_ends(head, after_cr)
+                if cut >= 0:
+                    end = pos + cut + 1
+                    chunks.append(Chunk(path, start, end, start_line))
+                    start, start_line = end, line
+                    line += count_line_ends(tail)
+                after_cr, last = block.endswith(b"\r"), block[-1:]
                 pos += len(block)
             size = f.tell()
             if size > start:
                 chunks.append(Chunk(path, start, size, start_line))
+            if last not in (b"", b"\n", b"\r"):
                 line += 1  # a last line without a line break is a line too
         for c in chunks[first:]:
             c.line_index = base + c.first_line - 1
@@ -120,7 +134,24 @@ def make_splitter(config):
 
 
 def _line_of(data, offset, first_line):
-    return first_line + data.count(b"\n", 0, offset)
+    return first_line + count_line_ends(data[:offset])
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_line(line, where):
+    """One JSONL record, or the one-line reason it cannot be one (Megatron-LM's
+    preprocess_data.py stops with a traceback on each of these)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PreprocessError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise PreprocessError(f"{where}: JSON nested too deeply for Python to read; flatten the record") from None
+    except ValueError as e:  # Python's limit on integer digits (int_max_str_digits)
+        raise PreprocessError(f"{where}: {' '.join(str(e).split(';')[0].split())} in a JSON number; write it as a "
+                              f"string, or drop the field") from None
 
 
 def encode_chunk(chunk, take=None):
@@ -141,7 +172,7 @@ def encode_chunk(chunk, take=None):
         raise PreprocessError(f"{chunk.path}:{_line_of(data, e.start, chunk.first_line)}: "
                               f"not UTF-8 (byte 0x{data[e.start]:02x})") from None
     docs, ids = [], []
-    lines = text.split("\n")
+    lines = _LINE_END.split(text)
     if lines and lines[-1] == "":
         lines.pop()
     for n, line in enumerate(lines):
@@ -150,10 +181,7 @@ def encode_chunk(chunk, take=None):
         if not line.strip():
             continue
         where = f"{chunk.path}:{chunk.first_line + n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PreprocessError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+        record = _json_line(line, where)
         if not isinstance(record, dict):
             raise PreprocessError(f"{where}: a JSON object per line is expected")
         for key in cfg.json_keys:
@@ -162,6 +190,13 @@ def encode_chunk(chunk, take=None):
                                                and all(isinstance(v, str) for v in value))):
                 raise PreprocessError(f"{where}: record has no field {key!r} holding a string or a list "
                                       f"of strings (record id {record.get(cfg.id_key)!r})")
+            for piece in [value] if isinstance(value, str) else value:
+                bad = _SURROGATE.search(piece)
+                if bad:
+                    raise PreprocessError(
+                        f"{where}: field {key!r} holds a lone surrogate (\\u{ord(bad.group()):04x}, from a JSON "
+                        f"escape) at character {bad.start()}, which is not text and has no UTF-8 bytes; "
+                        f"remove or replace it in the record")
         docs.append(record)
         doc_id = record.get(cfg.id_key)
         ids.append(str(doc_id) if doc_id is not None else f"{os.path.basename(chunk.path)}:{chunk.first_line + n}")
@@ -408,13 +443,15 @@ def build_parser():
                         "taken as its sentences, with or without this flag, as in Megatron-LM)")
     g.add_argument("--keep-newlines", action="store_true",
                    help="keep newlines (and all whitespace) between sentences when splitting")
-    g.add_argument("--sentence-splitter", help="sentence splitter JSON trained on the corpus (default: "
-                   "sentence_splitter.json beside the tokenizer files)")
-    g.add_argument("--lang", help="split with NLTK's Punkt model for this language (e.g. english), "
-                   "exactly as Megatron-LM does, instead of --sentence-splitter; read from the local "
-                   "NLTK data (python -m nltk.downloader punkt_tab), never downloaded")
+    g.add_argument("--sentence-splitter", help="sentence splitter JSON trained on the corpus (tools/train_tokenizer.py "
+                   "writes sentence_splitter.json beside the tokenizer files): Punkt that knows PubMed's "
+                   "abbreviations; recommended for PubMed")
+    g.add_argument("--lang", help="split with NLTK's Punkt model for this language, exactly as Megatron-LM does; "
+                   "read from the local NLTK data (python -m nltk.downloader punkt_tab), never downloaded. "
+                   "Default with --split-sentences and no --sentence-splitter: english, as in Megatron-LM")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=["GPT2BPETokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-type", required=True, help="GPT2BPETokenizer (--vocab-file, --merge-file) or "
+                   "HuggingFaceTokenizer (--tokenizer-model); Megatron-LM's other types are refused with a reason")
     g.add_argument("--vocab-file", help="vocab.json (GPT2BPETokenizer)")
     g.add_argument("--merge-file", help="merges.txt (GPT2BPETokenizer)")
     g.add_argument("--tokenizer-model", help="directory with tokenizer.json, or the file (HuggingFaceTokenizer)")
@@ -440,22 +477,31 @@ def build_parser():
                         "the live progress bar")
     g.add_argument("--chunk-size-mb", type=float, default=8.0, help="input bytes per worker task")
     g.add_argument("--no-progress", action="store_true")
-    return add_debug_flag(p)
+    from megatron_biomed.compat import megatron_lm
+    return megatron_lm.register(add_debug_flag(p), "preprocess_data")
+
+
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer")
 
 
 @entry_point
 def main(argv=None):
+    from megatron_biomed.compat import megatron_lm
+    from megatron_biomed.errors import debug_enabled
     args = build_parser().parse_args(argv)
+    megatron_lm.check(args, "preprocess_data", debug_print=print if debug_enabled(argv) else None)
+    if args.tokenizer_type not in TOKENIZER_TYPES:
+        raise UsageError(f"--tokenizer-type {args.tokenizer_type}: not built here; give GPT2BPETokenizer "
+                         f"(--vocab-file, --merge-file) or HuggingFaceTokenizer (--tokenizer-model DIR)")
     splitter = args.sentence_splitter
     if args.log_interval is not None and args.log_interval < 1:
         raise UsageError(f"--log-interval {args.log_interval}: must be at least 1")
     if args.lang and args.sentence_splitter:
         raise UsageError("--lang and --sentence-splitter both choose the sentence splitter; give one")
     if args.split_sentences and not splitter and not args.lang:
-        base = args.tokenizer_model if args.tokenizer_type == "HuggingFaceTokenizer" else args.vocab_file
-        if base:
-            base = base if os.path.isdir(base) else os.path.dirname(os.path.abspath(base))
-            splitter = os.path.join(base, "sentence_splitter.json")
+        args.lang = "english"  # Megatron-LM's default
+        print("--split-sentences: NLTK's English Punkt, Megatron-LM's default (--sentence-splitter FILE: the "
+              "splitter trained on your corpus, which knows PubMed's abbreviations)", file=sys.stderr)
     config = EncodeConfig(
         json_keys=tuple(args.json_keys), tokenizer_type=args.tokenizer_type,
         vocab_file=args.vocab_file, merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,

@@ -1,5 +1,6 @@
 """Process group and device mesh from the torchrun or Slurm environment."""
 import errno
+import datetime
 import os
 import re
 import socket
@@ -58,8 +59,9 @@ def _address_in_use(e):
     return False
 
 
-def init_distributed(backend=None):
-    """Join (or create) the default process group; NCCL on GPU, gloo on CPU. Idempotent."""
+def init_distributed(backend=None, timeout_minutes=None):
+    """Join (or create) the default process group; NCCL on GPU, gloo on CPU. Idempotent.
+    `timeout_minutes`: how long a collective may wait (--distributed-timeout-minutes)."""
     rank, world, local, addr, port = distributed_env()
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:
@@ -68,7 +70,8 @@ def init_distributed(backend=None):
         os.environ.setdefault("MASTER_ADDR", addr)
         os.environ.setdefault("MASTER_PORT", str(port))
         try:
-            dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world)
+            kw = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+            dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world, **kw)
         except Exception as e:  # noqa: BLE001 - torch raises DistNetworkError / RuntimeError
             if not _address_in_use(e):
                 raise

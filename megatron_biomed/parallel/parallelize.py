@@ -106,7 +106,12 @@ class ParallelGPT:
         elif param_dtype is not None:
             self._use_main_params(param_dtype)
         self._embedding_groups()
-        self.schedule = None
+        # --overlap-grad-reduce under DDP (FSDP2 reduce-scatters during backward by itself)
+        self.grad_reducer = None
+        if parallel.overlap_grad_reduce and not self.fsdp and self.dp > 1:
+            self.grad_reducer = OverlappedGradReduce(list(self._module_parameters()), self.main_param, self.dp_group,
+                                                     self.dp, parallel.ddp_bucket_size or DDP_BUCKET_SIZE)
+        self.schedules = {}  # pipeline schedules by micro-batch count
         self.autocast_dtype = None  # torch.bfloat16 / torch.float16: compute dtype (params stay fp32)
         self.loss_scale = 1.0       # fp16: the loss is multiplied by this before backward
 
@@ -207,6 +212,8 @@ class ParallelGPT:
         mbs = self.parallel.micro_batch_size
         n_mb = tokens.shape[0] // mbs
         loss_fn = self._loss_fn(n_mb)
+        if backward and self.grad_reducer is not None:
+            self.grad_reducer.start(n_mb)
         total = torch.zeros((), device=self.device)
         if self.pp == 1:
             model = self.modules[0]
@@ -220,18 +227,20 @@ class ParallelGPT:
                     loss.backward()
                 total += loss.detach().float()
         else:
-            if self.schedule is None:
-                self.schedule = pipeline.build_schedule(
+            if n_mb not in self.schedules:  # one per batch size (a --rampup-batch-size ramp has several)
+                self.schedules[n_mb] = pipeline.build_schedule(
                     self.modules, self.stage_ids, self.num_stages, self.device, self.pp_group, n_mb,
-                    loss_fn, self.parallel.pipeline_schedule)
+                    lambda logits, targets, n_mb=n_mb: self._loss_fn(n_mb)(logits, targets),
+                    self.parallel.pipeline_schedule)
+            schedule = self.schedules[n_mb]
             losses = []
             kwargs = {"target": targets, "losses": losses} if self.last_stage else {}
             args = (tokens,) if self.first_stage else ()
             with self._autocast():
                 if backward:
-                    self.schedule.step(*args, **kwargs)
+                    schedule.step(*args, **kwargs)
                 else:
-                    self.schedule.eval(*args, **kwargs)
+                    schedule.eval(*args, **kwargs)
             if self.last_stage:
                 total = torch.stack([l.detach().float() for l in losses]).sum()
             src = dist.get_global_rank(self.pp_group, self.pp - 1)
@@ -254,7 +263,10 @@ class ParallelGPT:
 
     @torch.no_grad()
     def reduce_gradients(self):
-        """Tied-embedding sum across first/last stage, then the data-parallel mean (DDP)."""
+        """The data-parallel mean (DDP; started during backward under --overlap-grad-reduce, so
+        waited for first) and the tied-embedding sum across first and last stage."""
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()
         match_grad_placements(self.parameters())
         if self.embedding_group is not None:
             for m in self.modules:
@@ -267,8 +279,8 @@ class ParallelGPT:
                         dist.all_reduce(buf, group=self.embedding_group)
                         if buf.data_ptr() != grad.data_ptr():
                             grad.copy_(buf)
-        if self.dp > 1 and not self.fsdp:
-            average_gradients(self.parameters(), self.dp_group, self.dp)
+        if self.dp > 1 and not self.fsdp and self.grad_reducer is None:
+            average_gradients(self.parameters(), self.dp_group, self.dp, self.parallel.ddp_bucket_size or DDP_BUCKET_SIZE)
 
     @torch.no_grad()
     def grad_norm(self):
@@ -278,6 +290,30 @@ class ParallelGPT:
         if self.pp > 1:
             dist.all_reduce(sq, group=self.pp_group)
         return sq.sqrt()
+
+    @torch.no_grad()
+    def params_norm(self):
+        """Global L2 norm of the parameters (Megatron's --log-params-norm), the tied embedding once."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, p in self.named_parameters():
+            if not (self.pp > 1 and name == "lm_head.weight"):
+                n = torch.linalg.vector_norm(p.detach().float())
+                sq += (n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2
+        if self.pp > 1:
+            dist.all_reduce(sq, group=self.pp_group)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def grad_zeros(self):
+        """How many gradient entries are zero, over the whole model (--log-num-zeros-in-grad)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, p in self.named_parameters():
+            if p.grad is not None and not (self.pp > 1 and name == "lm_head.weight"):
+                n = (p.grad == 0).sum()
+                total += (n.full_tensor() if isinstance(n, DTensor) else n).double()
+        if self.pp > 1:
+            dist.all_reduce(total, group=self.pp_group)
+        return total
 
     @torch.no_grad()
     def scale_gradients(self, factor):
@@ -327,18 +363,91 @@ def match_grad_placements(params):
             p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
+DDP_BUCKET_SIZE = 40_000_000  # gradient elements per reduction bucket (Megatron-LM's default)
+
+
 @torch.no_grad()
-def average_gradients(params, group, size):
+def average_gradients(params, group, size, bucket_numel=DDP_BUCKET_SIZE):
     """The mean of every gradient over `group` (data parallel), in flat buckets."""
     grads = [_local(p.grad) for p in params if p.grad is not None]
-    for bucket in _buckets(grads, 1 << 25):
+    for bucket in _buckets(grads, bucket_numel):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
-        flat /= size
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _unflatten_mean(flat, bucket, size)
+
+
+def _unflatten_mean(flat, grads, size):
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class OverlappedGradReduce:
+    """Megatron's --overlap-grad-reduce: the data-parallel mean of the gradients in buckets
+    (parameters in reverse order, as backward produces them), each bucket's all-reduce started
+    asynchronously during backward as soon as every gradient in it is final, i.e. accumulated
+    once per micro-batch of the step; finish() waits for them (and reduces any bucket whose
+    gradients never all arrived, in bucket order on every rank)."""
+
+    def __init__(self, named_params, main_param, group, size, bucket_numel):
+        self.main_param, self.group, self.size = main_param, group, size
+        params = [p for _, p in named_params if p.requires_grad][::-1]
+        self.buckets, bucket, n = [], [], 0
+        for p in params:
+            if bucket and n + p.numel() > bucket_numel:
+                self.buckets.append(bucket)
+                bucket, n = [], 0
+            bucket.append(p)
+            n += p.numel()
+        if bucket:
+            self.buckets.append(bucket)
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        for p in params:  # after the bf16 main-gradient hook, which was registered first
+            p.register_post_accumulate_grad_hook(self._ready)
+        self.expected, self.counts, self.pending, self.launched = None, {}, [], set()
+
+    def start(self, n_microbatches):
+        self.expected, self.counts, self.pending, self.launched = n_microbatches, {}, [], set()
+        self.left = [len(b) for b in self.buckets]
+
+    @torch.no_grad()
+    def _ready(self, p):
+        if self.expected is None:
+            return
+        self.counts[id(p)] = self.counts.get(id(p), 0) + 1
+        if self.counts[id(p)] == self.expected:
+            i = self.bucket_of[id(p)]
+            self.left[i] -= 1
+            if self.left[i] == 0:
+                self._launch(i)
+
+    def _launch(self, i):
+        grads = []
+        for p in self.buckets[i]:
+            main = self.main_param(p)
+            g = main.grad
+            if g is None:
+                continue
+            if isinstance(g, DTensor) and g.placements != main.placements:
+                main.grad = g = g.redistribute(main.device_mesh, main.placements)
+            grads.append(_local(g))
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.pending.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, grads))
+        self.launched.add(i)
+
+    @torch.no_grad()
+    def finish(self):
+        for i in range(len(self.buckets)):
+            if i not in self.launched:
+                self._launch(i)
+        for work, flat, grads in self.pending:
+            work.wait()
+            _unflatten_mean(flat, grads, self.size)
+        self.expected, self.pending = None, []
 
 
 @torch.no_grad()

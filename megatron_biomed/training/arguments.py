@@ -19,18 +19,41 @@ class ConfigError(UsageError, ValueError):
 
 def add_training_args(parser):
     g = parser.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=None, help="optimizer steps to train for (required)")
+    g.add_argument("--train-iters", type=int, default=None, help="optimizer steps to train for (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="samples to train on instead of --train-iters (Megatron's sample-based training: the "
+                        "learning-rate flags are then in samples)")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over SAMPLES samples, as Megatron-LM does")
+    g.add_argument("--decrease-batch-size-if-needed", action="store_true",
+                   help="with --rampup-batch-size: round a ramp batch down to a multiple of micro batch x "
+                        "data-parallel size instead of refusing it")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (required)")
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="cosine")
+    g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"],
+                   default="exponential", help="the anneal of --lr-decay-style WSD")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm up over this fraction of the decay (instead of --lr-warmup-iters/-samples)")
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the learning rate warmup starts from")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="default: --train-samples")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
+    g.add_argument("--start-weight-decay", type=float, default=None, help="default: --weight-decay")
+    g.add_argument("--end-weight-decay", type=float, default=None, help="default: --weight-decay")
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled decay; not on biases or LayerNorm")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="deterministic algorithms only (torch.use_deterministic_algorithms); slower on GPUs")
     g = parser.add_argument_group("mixed precision")
     g.add_argument("--bf16", action="store_true",
                    help="bfloat16 parameters and gradients; fp32 main weights for the optimizer and checkpoints, "
@@ -46,6 +69,18 @@ def add_training_args(parser):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional: compiled once, reused by every layer); "
                         "falls back to eager with a warning where inductor cannot run")
+    g = parser.add_argument_group("data-parallel communication")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="start each bucket's data-parallel gradient reduction during backward, as soon as its "
+                        "gradients are final (FSDP2 layouts always overlap)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: FSDP2 gathers each block's parameters ahead of use "
+                        "(always the case there)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="gradient elements per reduction bucket (default 40M, Megatron's)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=None,
+                   help="how long a collective may wait before the job fails (default: PyTorch's, 10 for NCCL, "
+                        "30 for gloo)")
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="dataset prefix, or weight prefix pairs to blend: 0.7 pubmed_text_document 0.3 pmc_text_document")
@@ -77,23 +112,52 @@ def add_training_args(parser):
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save and exit (resumable) once training has run this long")
     g.add_argument("--exit-interval", type=int, default=None, help="save and exit at this iteration")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="save and exit on --exit-signal (SIGTERM and SIGUSR1 are always handled here)")
+    g.add_argument("--exit-signal", type=int, default=15, help="a further signal that saves and exits (default SIGTERM)")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="stop with an error when --load holds no checkpoint (instead of starting from scratch)")
+    g.add_argument("--async-save", action="store_true",
+                   help="stage each checkpoint in memory and write it in the background while training goes on "
+                        "(made complete, and named in latest_checkpointed_iteration.txt, only once written)")
     g = parser.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-params-norm", action="store_true", help="log the parameters' L2 norm")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true", help="log how many gradient entries are zero")
+    g.add_argument("--wandb-project", default=None,
+                   help="also log to Weights & Biases under this project (WANDB_MODE=offline works with no network)")
+    g.add_argument("--wandb-exp-name", default=None, help="the W&B run's name")
+    g.add_argument("--wandb-save-dir", default=None, help="where W&B writes (default: <save>/wandb)")
+    g.add_argument("--wandb-entity", default=None, help="the W&B team or user")
+    g = parser.add_argument_group("profiling")
+    g.add_argument("--profile", action="store_true",
+                   help="record a torch.profiler trace of iterations --profile-step-start..--profile-step-end "
+                        "(TensorBoard opens it: <tensorboard-dir>/profile, or <save>/profile)")
+    g.add_argument("--use-pytorch-profiler", action="store_true", help="the profiler --profile uses (the only one here)")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="global ranks that record")
+    g.add_argument("--record-memory-history", action="store_true",
+                   help="with --profile on a GPU: record CUDA allocations and dump them to --memory-snapshot-path")
+    g.add_argument("--memory-snapshot-path", default="snapshot.pickle")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU; default: 989 on H100/H200 and 312 on A100 in bf16/fp16")
     return parser
 
 
 def build_parser():
+    from megatron_biomed.compat import megatron_lm
     parser = argparse.ArgumentParser(
         description="Pretrain a GPT (BioMedLM preset by default) on Megatron .bin/.idx datasets with "
-                    "tensor, pipeline and data parallelism. Launch with torchrun or srun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "tensor, pipeline and data parallelism. Launch with torchrun or srun. Every Megatron-LM "
+                    "pretrain_gpt.py flag is accepted or refused with a reason (docs/megatron-lm-flags.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file of settings; flags given here override it")
-    return add_debug_flag(add_training_args(add_parallel_args(add_model_args(parser))))
+    parser = add_debug_flag(add_training_args(add_parallel_args(add_model_args(parser))))
+    return megatron_lm.register(parser, "pretrain_gpt")
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -126,9 +190,11 @@ def _typed(action, value, where):
     """A YAML value for `action`, of exactly the kind the flag takes (never silently converted)."""
     if value is None:
         return None
-    if action.nargs == 0:  # store_true / store_false
+    if action.nargs == 0:  # store_true / store_false / store_const
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {value!r} is not true or false; write true or false")
+        if not isinstance(action.const, bool):  # --recompute-activations: true sets its value
+            return action.const if value else None
         return value
     if action.nargs in ("+", "*"):
         values = value if isinstance(value, list) else str(value).split()
@@ -201,6 +267,9 @@ def parse_args(argv=None):
     if known.config:
         parser.set_defaults(**_yaml_defaults(parser, known.config))
     args = parser.parse_args(argv)
+    from megatron_biomed.compat import megatron_lm
+    from megatron_biomed.errors import debug_enabled
+    megatron_lm.check(args, "pretrain_gpt", debug_print=print if (args.debug or debug_enabled(argv)) else None)
     finish(args)
     return args
 
@@ -217,15 +286,15 @@ def finish(args):
         args.eod_id = vocab.get("<|endoftext|>", len(vocab) - 1)
     else:
         args.eod_id = None
-    for flag in ("train_iters", "lr", "data_path"):
+    for flag in ("lr", "data_path"):
         if getattr(args, flag) is None:
             raise ConfigError(f"--{flag.replace('_', '-')} is required (on the command line or in --config)")
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ConfigError("give one of --train-iters and --train-samples (on the command line or in --config)")
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive")
+    _check_schedule_flags(args)
     args._derived = []  # filled in here, so left out of settings.yaml: a rerun derives them again
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-        args._derived.append("lr_decay_iters")
     if args.save_interval is not None and args.save_interval < 1:
         raise ConfigError("--save-interval must be >= 1")
     if args.keep_last_checkpoints is not None and args.keep_last_checkpoints < 1:
@@ -237,6 +306,31 @@ def finish(args):
     if args.load and not os.path.isdir(args.load) and args.load != args.save:
         raise ConfigError(f"--load {args.load}: no such directory")
     return args
+
+
+def _check_schedule_flags(a):
+    """Megatron-LM's rules: iteration flags with --train-iters, sample flags with --train-samples."""
+    if a.train_iters is not None:
+        for flag, value in (("lr_decay_samples", a.lr_decay_samples), ("lr_wsd_decay_samples", a.lr_wsd_decay_samples)):
+            if value is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} is for --train-samples runs; with --train-iters give "
+                                  f"--{flag.replace('_samples', '_iters').replace('_', '-')}")
+        if a.lr_warmup_samples:
+            raise ConfigError("--lr-warmup-samples is for --train-samples runs; with --train-iters give "
+                              "--lr-warmup-iters or --lr-warmup-fraction")
+    else:
+        for flag, value in (("lr_decay_iters", a.lr_decay_iters), ("lr_wsd_decay_iters", a.lr_wsd_decay_iters)):
+            if value is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} is for --train-iters runs; with --train-samples give "
+                                  f"--{flag.replace('_iters', '_samples').replace('_', '-')}")
+        if a.lr_warmup_iters:
+            raise ConfigError("--lr-warmup-iters is for --train-iters runs; with --train-samples give "
+                              "--lr-warmup-samples or --lr-warmup-fraction")
+    if a.lr_warmup_fraction is not None and (a.lr_warmup_iters or a.lr_warmup_samples):
+        raise ConfigError("give one of --lr-warmup-fraction and --lr-warmup-iters / --lr-warmup-samples")
+    if a.profile and a.profile_step_end <= a.profile_step_start:
+        raise ConfigError(f"--profile-step-end {a.profile_step_end} must be after --profile-step-start "
+                          f"{a.profile_step_start}")
 
 
 SETTINGS = "settings.yaml"  # in --save: the run's settings, written at its start

@@ -16,10 +16,12 @@ A load verifies the checksums first; when `--load` names a run directory, a chec
 is skipped, loudly, for the newest one that verifies.
 """
 import errno
+import functools
 import json
 import os
 import shutil
 import signal
+import threading
 import time
 
 import torch
@@ -53,10 +55,10 @@ def _kill_point(point, iteration):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def agree(error):
+def agree(error, group=None):
     """Collective: every rank learns whether any rank failed (a one-line message) and raises."""
-    messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, one_line(error) if error is not None else None)
+    messages = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, one_line(error) if error is not None else None, group=group)
     failed = [m for m in messages if m]
     if failed:
         raise CheckpointError(failed[0])
@@ -135,11 +137,41 @@ def saved_model_config(path):
                               f"or not ours") from None
 
 
+class PendingSave:
+    """An --async-save in flight: the checkpoint was staged in memory and a background thread
+    writes it, checksums it and (rank 0) makes it complete, collectively over its own gloo group.
+    `wait()` returns the seconds it took or raises the save's CheckpointError (on every rank)."""
+
+    def __init__(self, iteration, staged_seconds, finish):
+        self.iteration, self.staged_seconds = iteration, staged_seconds
+        self._result = None
+        self._thread = threading.Thread(target=self._run, args=(finish,), name=f"async-save-{iteration}", daemon=True)
+        self._thread.start()
+
+    def _run(self, finish):
+        try:
+            self._result = finish()
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread in wait()
+            self._result = e
+
+    def done(self):
+        return not self._thread.is_alive()
+
+    def wait(self):
+        self._thread.join()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+
 def save(root, iteration, model, optimizer, scaler, config, consumed_samples, layout, kill_hook=None,
-         keep_last=None, keep_every=None):
+         keep_last=None, keep_every=None, async_group=None):
     """Collective: every rank calls it. On failure every rank raises CheckpointError, nothing is
-    left under iter_N (unless it existed before, untouched) and the latest is unchanged."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    left under iter_N (unless it existed before, untouched) and the latest is unchanged.
+    Returns the seconds it took, or with `async_group` (a gloo group used by checkpoint writes
+    only) a PendingSave once the state is staged in memory: the rest happens in the background,
+    with the same guarantees, and the checkpoint becomes the latest only when it is complete."""
+    rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     tmp, old = final + ".tmp", final + ".old"
     error = None
@@ -155,16 +187,34 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
     sd["train.iteration"] = torch.tensor(iteration, dtype=torch.int64)
     sd["train.consumed_samples"] = torch.tensor(consumed_samples, dtype=torch.int64)
     t0 = time.time()
+    finish = functools.partial(_write_and_publish, root, iteration, tmp, final, old, config, consumed_samples,
+                               layout, kill_hook, keep_last, keep_every, t0)
+    if async_group is None:
+        return finish(lambda: dcp.save(sd, checkpoint_id=tmp), None)
+    try:
+        future = dcp.async_save(sd, checkpoint_id=tmp, process_group=async_group)  # staged in memory here
+        write = future.result
+    except Exception as e:  # noqa: BLE001 - e.g. out of host memory while staging: agreed on in the background
+        def write(e=e):
+            raise e
+    return PendingSave(iteration, time.time() - t0, functools.partial(finish, write, async_group))
+
+
+def _write_and_publish(root, iteration, tmp, final, old, config, consumed_samples, layout, kill_hook, keep_last,
+                       keep_every, t0, write, group):
+    """Every rank: write (dcp), checksum its shards; rank 0 publishes; all agree over `group`."""
+    rank, world = dist.get_rank(), dist.get_world_size(group)
+    error = None
     entries = {}
     try:
-        dcp.save(sd, checkpoint_id=tmp)
+        write()
         # each rank checksums the shards it wrote (still in its page cache)
         entries = MF.file_entries(tmp, [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_")])
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - disk full, read-only, ...: reported by every rank
         error = e if find_os_error(e) is not None or not _disk_full(tmp) else \
             OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
     gathered = [None] * world
-    dist.all_gather_object(gathered, (one_line(error) if error is not None else None, entries))
+    dist.all_gather_object(gathered, (one_line(error) if error is not None else None, entries), group=group)
     failed = [m for m, _ in gathered if m]
     error = None
     if rank == 0:
@@ -189,7 +239,7 @@ def save(root, iteration, model, optimizer, scaler, config, consumed_samples, la
     elif failed:
         error = CheckpointError(failed[0])
     try:
-        agree(error)
+        agree(error, group)
     except CheckpointError as e:
         latest = L.read_latest(root) if os.path.isdir(root) else None
         raise CheckpointError(f"saving {final} failed: {e} (the latest checkpoint is still "

@@ -99,8 +99,9 @@ def check_token_ids(prefixes, vocab_size, cache_dir=None):
                             f"of {vocab_size} (--vocab-size / --vocab-file); was it tokenized with another tokenizer?")
 
 
-def build_datasets(args, vocab_size, eod, global_batch_size, seq_length):
-    """(train, valid, test) GPTDatasets sized for the whole run, as Megatron sizes them."""
+def build_datasets(args, vocab_size, eod, global_batch_size, seq_length, train_samples=None):
+    """(train, valid, test) GPTDatasets sized for the whole run, as Megatron sizes them
+    (`train_samples`: the run's, when a batch-size ramp makes it other than iterations x batch)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     prefixes, weights = parse_blend(args.data_path)
@@ -124,7 +125,8 @@ def build_datasets(args, vocab_size, eod, global_batch_size, seq_length):
         if not logging.getLogger().handlers:
             logging.basicConfig(stream=sys.stdout, format="  %(message)s")
     n_evals = args.train_iters // args.eval_interval + 1
-    sizes = [args.train_iters * global_batch_size, n_evals * args.eval_iters * global_batch_size,
+    train_samples = args.train_iters * global_batch_size if train_samples is None else train_samples
+    sizes = [train_samples, n_evals * args.eval_iters * global_batch_size,
              args.eval_iters * global_batch_size]
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=seq_length, blend=(prefixes, weights), split=args.split,
@@ -169,11 +171,12 @@ def _check_splits(prefixes, split_matrix, sizes, split):
     return sorted(unused_empty)
 
 
-def get_batch(dataset, step, global_batch_size, dp_rank, dp_size):
-    """(tokens, targets) of this data-parallel rank's rows of global batch `step`; targets are
-    IGNORE_INDEX where the dataset's loss mask is 0."""
+def get_batch(dataset, consumed, global_batch_size, dp_rank, dp_size):
+    """(tokens, targets) of this data-parallel rank's rows of the global batch of samples
+    consumed .. consumed + global_batch_size (Megatron's order: each iteration the next samples);
+    targets are IGNORE_INDEX where the dataset's loss mask is 0."""
     per = global_batch_size // dp_size
-    start = step * global_batch_size + dp_rank * per
+    start = consumed + dp_rank * per
     samples = [dataset[i] for i in range(start, start + per)]
     tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
     targets = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()

@@ -1,6 +1,4 @@
-"""AdamW with Megatron's parameter groups, its learning-rate schedule, and fp16 loss scaling."""
-import math
-
+"""AdamW with Megatron's parameter groups, and fp16 loss scaling (the schedules: schedule.py)."""
 import torch
 
 
@@ -34,28 +32,13 @@ def init_optimizer_state(optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def lr_at(iteration, args):
-    """Megatron's schedule: linear warmup from 0, then constant / linear / cosine decay from
-    --lr to --min-lr over --lr-decay-iters, then --min-lr."""
-    max_lr, min_lr = args.lr, args.min_lr
-    warmup = args.lr_warmup_iters
-    if warmup > 0 and iteration < warmup:
-        return max_lr * (iteration + 1) / warmup
-    if args.lr_decay_style == "constant":
-        return max_lr
-    if iteration >= args.lr_decay_iters:
-        return min_lr
-    ratio = (iteration - warmup) / max(1, args.lr_decay_iters - warmup)
-    if args.lr_decay_style == "linear":
-        coeff = 1.0 - ratio
-    else:
-        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
-    return min_lr + coeff * (max_lr - min_lr)
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
+def set_lr(optimizer, lr, weight_decay=None):
+    """The learning rate of every group; `weight_decay` for the groups that decay (Megatron's
+    --start-weight-decay .. --end-weight-decay schedule)."""
+    for i, group in enumerate(optimizer.param_groups):
         group["lr"] = lr
+        if weight_decay is not None and i == 0:  # build_optimizer's first group is the one that decays
+            group["weight_decay"] = weight_decay
 
 
 class LossScaler:

@@ -108,16 +108,22 @@ def main(argv=None):
     if gbs is None:
         raise UsageError("--global-batch-size: give the run's global batch size (with --micro-batch-size alone it "
                          "depends on the number of data-parallel ranks)")
+    from megatron_biomed.training.schedule import BatchSchedule
+    # a ramp's batch sizes do not depend on the data-parallel size (unless --decrease-batch-size-if-needed)
+    batches = BatchSchedule(gbs, parallel.micro_batch_size, 1, args.rampup_batch_size)
+    if args.train_iters is None:
+        args.train_iters = batches.iterations_for(args.train_samples)
     if not 1 <= args.iteration <= args.train_iters:
         raise UsageError(f"--iteration {args.iteration}: the run has iterations 1..{args.train_iters}")
     eod = args.eod_id if args.eod_id is not None else cfg.vocab_size - 1
     with one_process_group():  # megatron-core's blended datasets ask for one
-        train, _, _ = build_datasets(args, cfg.vocab_size, eod, gbs, cfg.seq_length)
-    step, ids_cache = args.iteration - 1, {}
+        train, _, _ = build_datasets(args, cfg.vocab_size, eod, gbs, cfg.seq_length,
+                                     train_samples=batches.consumed(args.train_iters))
+    start, ids_cache = batches.consumed(args.iteration - 1), {}
     out = sys.stdout if args.trace_output == "-" else None
     with (atomic_output(args.trace_output, "w", encoding="utf-8") if out is None else contextlib.nullcontext(out)) as f:
-        for k in range(gbs):
-            record = trace_sample(train, step * gbs + k, ids_cache)
+        for k in range(batches.batch_size(start)):
+            record = trace_sample(train, start + k, ids_cache)
             record["row"] = k  # its row in the global batch (rank r of dp reads rows r*gbs/dp ...)
             f.write(json.dumps(record) + "\n")
     return 0

@@ -4,6 +4,7 @@ Exit codes: 0 finished (or --exit-interval reached), 75 saved and stopped early 
 SIGUSR1 / --exit-duration-in-mins (requeue the job and it resumes), 1 a failure (NaN loss,
 bad data), 2 a bad setting.
 """
+import dataclasses
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_biomed.arguments import model_config, parallel_config
+from megatron_biomed.config import LayoutError
 from megatron_biomed.checkpoint import run_lock
 from megatron_biomed.checkpoint.run_lock import check_apart
 from megatron_biomed.model.gpt import flops_per_token
@@ -24,7 +26,8 @@ from megatron_biomed.training import checkpoint as C
 from megatron_biomed.training.arguments import SETTINGS, ConfigError, effective_config, parse_args, run_settings
 from megatron_biomed.training.data import build_datasets, get_batch
 from megatron_biomed.training.metrics import Metrics, peak_memory_gb, peak_tflops
-from megatron_biomed.training.optimizer import LossScaler, build_optimizer, lr_at, set_lr
+from megatron_biomed.training.optimizer import LossScaler, build_optimizer, set_lr
+from megatron_biomed.training.schedule import BatchSchedule, LRSchedule
 from megatron_biomed.utils import atomic_output, print0
 from megatron_biomed.errors import UserError, entry_point, report
 
@@ -39,11 +42,11 @@ class TrainingError(UserError, RuntimeError):
 
 
 class _Signals:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits."""
+    """SIGTERM / SIGUSR1 (and --exit-signal) set a flag; the loop finishes its step, saves and exits."""
 
-    def __init__(self):
+    def __init__(self, extra=None):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in {signal.SIGTERM, signal.SIGUSR1, *([signal.Signals(extra)] if extra else [])}:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -68,7 +71,10 @@ def _test_pause_hook():
 class Trainer:
     def __init__(self, args):
         self.args = args
-        self.device = M.init_distributed()
+        if args.deterministic_mode:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+            torch.use_deterministic_algorithms(True)
+        self.device = M.init_distributed(timeout_minutes=args.distributed_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.model_config = model_config(args)
         if args.use_checkpoint_args:
@@ -78,6 +84,14 @@ class Trainer:
         self.mesh = M.build_mesh(self.parallel, self.device.type)
         self.dp_rank, self.dp = self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()
         self.gbs = self.parallel.global_batch_size or self.parallel.micro_batch_size * self.dp
+        self.batches = BatchSchedule(self.gbs, self.parallel.micro_batch_size, self.dp, args.rampup_batch_size,
+                                     args.decrease_batch_size_if_needed)
+        self._check_ramp()
+        if args.train_samples is not None:  # Megatron's update_train_iters
+            args.train_iters = self.batches.iterations_for(args.train_samples)
+            args._derived.append("train_iters")
+            print0(f"--train-samples {args.train_samples}: {args.train_iters} iterations")
+        self.lr_schedule = LRSchedule(args, self.gbs)
         self.layout = {"tp": self.parallel.tensor_model_parallel_size, "pp": self.parallel.pipeline_model_parallel_size,
                        "dp": self.dp, "sequence_parallel": self.parallel.sequence_parallel,
                        "vpp": self.parallel.num_layers_per_virtual_pipeline_stage,
@@ -106,16 +120,39 @@ class Trainer:
         # last_saved: the newest checkpoint of the current weights (loaded or saved); last_good:
         # the newest this run saved after steps with a finite loss, which a NaN message may name.
         self.iteration, self.last_saved, self.last_good, self.loaded_from = 0, None, None, None
+        # --async-save: checkpoint writes get a gloo group of their own (collectives in the writing
+        # thread never interleave with the training thread's); one save in flight at a time
+        self.async_group = dist.new_group(backend="gloo") if args.async_save and args.save else None
+        self.pending_save = None
         if args.save:
             C.clean_stale(args.save, args.keep_last_checkpoints, args.keep_every)
         self._load()
         eod = args.eod_id if args.eod_id is not None else self.model_config.vocab_size - 1
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
-            args, self.model_config.vocab_size, eod, self.gbs, self.model_config.seq_length)
-        self.metrics = Metrics(args.tensorboard_dir, self.rank, yaml.safe_dump(_plain(config)))
+            args, self.model_config.vocab_size, eod, self.gbs, self.model_config.seq_length,
+            train_samples=self.batches.consumed(args.train_iters))
+        wandb = None
+        if args.wandb_project:
+            wandb = dict(project=args.wandb_project, name=args.wandb_exp_name, entity=args.wandb_entity,
+                         dir=args.wandb_save_dir or os.path.join(args.save or ".", "wandb"), config=self.settings)
+        self.metrics = Metrics(args.tensorboard_dir, self.rank, yaml.safe_dump(_plain(config)), wandb=wandb)
+        self.profiler = None
         self.flops_per_token = flops_per_token(self.model_config, self.parallel.tensor_model_parallel_size)
         self.peak = peak_tflops(args, self.device)
         self._report_memory_plan()
+
+    def _check_ramp(self):
+        """Every global batch of a --rampup-batch-size ramp must suit the layout, as the full one does."""
+        if not self.batches.ramping:
+            return
+        for size in self.batches.sizes():
+            try:
+                dataclasses.replace(self.parallel, global_batch_size=size).validate(self.model_config, self.world)
+            except LayoutError as e:
+                raise ConfigError(f"--rampup-batch-size {' '.join(map(str, self.args.rampup_batch_size))}: the ramp's "
+                                  f"global batch of {size}: {e}") from None
+        print0(f"batch size ramp-up: global batch {' -> '.join(map(str, self.batches.sizes()))} over the first "
+               f"{self.batches.ramp_samples} samples")
 
     def _report_memory_plan(self):
         """The planner's peak memory for this layout, and a warning before an out-of-memory."""
@@ -167,6 +204,9 @@ class Trainer:
     def _load(self):
         a = self.args
         if not a.load or C.read_latest(a.load) is None:
+            if a.load and a.exit_on_missing_checkpoint:
+                raise ConfigError(f"--load {a.load}: no checkpoint there (--exit-on-missing-checkpoint); check the "
+                                  f"path, or leave the flag out to start from scratch")
             if a.load:
                 print0(f"no checkpoint in --load {a.load}: starting from scratch")
             return
@@ -183,10 +223,11 @@ class Trainer:
                                   f"at iteration {iteration}, so nothing would be trained; raise --train-iters "
                                   f"above {iteration}, or pass --finetune to start again from iteration 0")
             self.iteration = iteration
-            if consumed != iteration * self.gbs:
+            if consumed != self.batches.consumed(iteration):
                 raise ConfigError(f"--load {a.load}: the checkpoint consumed {consumed} samples in {iteration} "
-                                  f"iterations (global batch {consumed // max(iteration, 1)}); resume with the "
-                                  f"same --global-batch-size ({self.gbs} given)")
+                                  f"iterations, these flags {self.batches.consumed(iteration)}; resume with the "
+                                  f"same --global-batch-size and --rampup-batch-size ({self.gbs} and "
+                                  f"{a.rampup_batch_size} given)")
             self.last_saved = iteration
         saved_layout = meta.get("layout")
         note = "" if saved_layout == self.layout else f" (saved as {saved_layout}, resharded to {self.layout})"
@@ -194,12 +235,27 @@ class Trainer:
 
     def save(self):
         a = self.args
+        self.wait_for_save()
         print0(f"saving checkpoint at iteration {self.iteration} to {a.save}")
-        seconds = C.save(a.save, self.iteration, self.model, self.optimizer, self.scaler, _plain(self.config),
-                         self.iteration * self.gbs, self.layout, kill_hook=_test_pause_hook(),
-                         keep_last=a.keep_last_checkpoints, keep_every=a.keep_every)
-        print0(f"  saved {C.iteration_dir(a.save, self.iteration)} in {seconds:.1f} s")
-        self.last_saved = self.last_good = self.iteration
+        result = C.save(a.save, self.iteration, self.model, self.optimizer, self.scaler, _plain(self.config),
+                        self.batches.consumed(self.iteration), self.layout, kill_hook=_test_pause_hook(),
+                        keep_last=a.keep_last_checkpoints, keep_every=a.keep_every, async_group=self.async_group)
+        self.last_saved = self.iteration
+        if isinstance(result, C.PendingSave):
+            self.pending_save = result
+            print0(f"  staged in memory in {result.staged_seconds:.2f} s; writing in the background")
+        else:
+            print0(f"  saved {C.iteration_dir(a.save, self.iteration)} in {result:.1f} s")
+            self.last_good = self.iteration
+
+    def wait_for_save(self):
+        """Wait for the --async-save in flight, if any (every rank alike); raises its error."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        seconds = pending.wait()
+        print0(f"  saved {C.iteration_dir(self.args.save, pending.iteration)} in {seconds:.1f} s (in the background)")
+        self.last_good = max(self.last_good or 0, pending.iteration)
 
     # -- steps ------------------------------------------------------------------------------
     def train_step(self, tokens, targets):
@@ -212,6 +268,8 @@ class Trainer:
         if self.scaler is not None:
             model.scale_gradients(1.0 / self.scaler.scale)
         norm = model.grad_norm()
+        if self.args.log_num_zeros_in_grad:
+            self.last_grad_zeros = model.grad_zeros()
         finite = bool(torch.isfinite(norm))
         if self.scaler is not None:
             self.scaler.update(not finite)
@@ -230,7 +288,8 @@ class Trainer:
         a = self.args
         total = 0.0
         for j in range(a.eval_iters):
-            tokens, targets = get_batch(dataset, index * a.eval_iters + j, self.gbs, self.dp_rank, self.dp)
+            tokens, targets = get_batch(dataset, (index * a.eval_iters + j) * self.gbs, self.gbs, self.dp_rank,
+                                        self.dp)
             total += float(self.model.evaluate(tokens.to(self.device), targets.to(self.device)))
         loss = total / a.eval_iters
         ppl = math.exp(min(20.0, loss))
@@ -256,8 +315,11 @@ class Trainer:
     def _stop_requested(self, signals, start):
         a = self.args
         over = a.exit_duration_in_mins is not None and (time.time() - start) / 60 >= a.exit_duration_in_mins
-        flag = torch.tensor([1.0 if signals.received else 0.0, 1.0 if over else 0.0])
+        writing = self.pending_save is not None and not self.pending_save.done()
+        flag = torch.tensor([1.0 if signals.received else 0.0, 1.0 if over else 0.0, 1.0 if writing else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
+        if self.pending_save is not None and flag[2] == 0:  # written on every rank: report it now
+            self.wait_for_save()
         if flag[0] > 0:
             return f"received {signals.received or 'a signal (on another rank)'}"
         if flag[1] > 0:
@@ -270,16 +332,18 @@ class Trainer:
         start = time.time()
         if a.save and self.rank == 0 and os.path.exists(os.path.join(a.save, RESUMABLE_MARKER)):
             os.remove(os.path.join(a.save, RESUMABLE_MARKER))
-        tokens_per_batch = self.gbs * self.model_config.seq_length
-        interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0}
+        interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0, "samples": 0}
         print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {self.gbs} x "
                f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}, "
                f"{torch.get_num_threads()} CPU thread(s) per process")
         self.model.train(True)
         while self.iteration < a.train_iters:
-            lr = lr_at(self.iteration, a)
-            set_lr(self.optimizer, lr)
-            tokens, targets = get_batch(self.train_ds, self.iteration, self.gbs, self.dp_rank, self.dp)
+            self._profile()
+            consumed = self.batches.consumed(self.iteration)
+            batch = self.batches.batch_size(consumed)
+            lr = self.lr_schedule.lr(consumed)
+            set_lr(self.optimizer, lr, self.lr_schedule.weight_decay(consumed))
+            tokens, targets = get_batch(self.train_ds, consumed, batch, self.dp_rank, self.dp)
             loss, norm, skipped = self.train_step(tokens, targets)
             self.iteration += 1
             loss_value = float(loss)
@@ -288,11 +352,12 @@ class Trainer:
             interval["loss"] += loss_value
             interval["n"] += 1
             interval["iters"] += 1
+            interval["samples"] += batch
             interval["skipped"] += int(skipped)
             self.metrics.scalars(self.iteration, **{"train/loss": loss_value})
             if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
-                self._log(interval, lr, float(norm), tokens_per_batch)
-                interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0}
+                self._log(interval, lr, float(norm), batch)
+                interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0, "samples": 0}
             if a.eval_iters and self.iteration % a.eval_interval == 0 and self.valid_ds is not None:
                 self.evaluate(self.valid_ds, self.iteration // a.eval_interval - 1, "validation")
             reason = self._stop_requested(signals, start)
@@ -301,6 +366,7 @@ class Trainer:
             if reason:
                 if a.save and self.last_saved != self.iteration:
                     self.save()
+                self.wait_for_save()
                 print0(f"{reason}: stopping at iteration {self.iteration}"
                         f"{' (checkpoint saved; resume with --load)' if a.save else ' (no --save: nothing saved)'}")
                 if a.save and self.rank == 0:
@@ -310,10 +376,13 @@ class Trainer:
             if a.exit_interval and self.iteration % a.exit_interval == 0:
                 if a.save and self.last_saved != self.iteration:
                     self.save()
+                self.wait_for_save()
                 print0(f"--exit-interval {a.exit_interval} reached at iteration {self.iteration}")
                 return 0
+        self._profile(end=True)
         if a.save and self.last_saved != self.iteration:
             self.save()
+        self.wait_for_save()
         if a.eval_iters:
             if self.valid_ds is not None and self.iteration % a.eval_interval:
                 self.evaluate(self.valid_ds, self.iteration // a.eval_interval, "validation")
@@ -321,28 +390,63 @@ class Trainer:
                 self.evaluate(self.test_ds, 0, "test")
         return 0
 
-    def _log(self, interval, lr, norm, tokens_per_batch):
+    def _profile(self, end=False):
+        """--profile: a torch.profiler trace of iterations --profile-step-start..--profile-step-end
+        (counted as the log counts them, from 1) on --profile-ranks, which TensorBoard opens."""
+        a = self.args
+        if not a.profile or self.rank not in a.profile_ranks:
+            return
+        if self.profiler is None and not end and self.iteration + 1 == a.profile_step_start:
+            from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+            self.profile_dir = os.path.join(a.tensorboard_dir or a.save or ".", "profile")
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profiler = profile(activities=activities, record_shapes=True,
+                                    on_trace_ready=tensorboard_trace_handler(self.profile_dir, worker_name=f"rank{self.rank}"))
+            if a.record_memory_history:
+                if self.device.type == "cuda":
+                    torch.cuda.memory._record_memory_history()
+                else:
+                    print(f"note: --record-memory-history records CUDA allocations; rank {self.rank} runs on the CPU")
+            self.profiler.start()
+        elif self.profiler is not None and (end or self.iteration == a.profile_step_end):
+            self.profiler.stop()
+            self.profiler = None
+            print(f"profile of iterations {a.profile_step_start}..{min(a.profile_step_end, self.iteration)} (rank "
+                  f"{self.rank}) written to {self.profile_dir}: tensorboard --logdir {self.profile_dir}", flush=True)
+            if a.record_memory_history and self.device.type == "cuda":
+                torch.cuda.memory._dump_snapshot(a.memory_snapshot_path)
+                torch.cuda.memory._record_memory_history(enabled=None)
+                print(f"CUDA memory history written to {a.memory_snapshot_path} (open it at pytorch.org/memory_viz)",
+                      flush=True)
+
+    def _log(self, interval, lr, norm, batch):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.time() - interval["t"]
         per_iter = elapsed / max(1, interval["iters"])
-        tokens_per_s = tokens_per_batch / per_iter
+        tokens_per_s = interval["samples"] * self.model_config.seq_length / max(elapsed, 1e-9)
         tflops = self.flops_per_token * tokens_per_s / self.world / 1e12
         mfu = tflops / self.peak if self.peak else None
         loss = interval["loss"] / max(1, interval["n"])
         mem = peak_memory_gb(self.device)
         scale = self.scaler.scale if self.scaler else None
+        params_norm = float(self.model.params_norm()) if self.args.log_params_norm else None
+        zeros = int(self.last_grad_zeros) if self.args.log_num_zeros_in_grad else None
         print0(f" iteration {self.iteration:8d}/{self.args.train_iters:8d} | consumed samples: "
-                f"{self.iteration * self.gbs:12d} | elapsed time per iteration (ms): {per_iter * 1000:.1f} | "
-                f"learning rate: {lr:.6E} | global batch size: {self.gbs:5d} | lm loss: {loss:.6E} | "
+                f"{self.batches.consumed(self.iteration):12d} | elapsed time per iteration (ms): {per_iter * 1000:.1f} | "
+                f"learning rate: {lr:.6E} | global batch size: {batch:5d} | lm loss: {loss:.6E} | "
                 + (f"loss scale: {scale:.1f} | " if scale else "")
-                + f"grad norm: {norm:.4f} | tokens/s: {tokens_per_s:,.0f} | TFLOP/s/device: {tflops:.2f} | "
+                + f"grad norm: {norm:.4f} | "
+                + (f"num zeros: {zeros} | " if zeros is not None else "")
+                + (f"params norm: {params_norm:.3f} | " if params_norm is not None else "")
+                + f"tokens/s: {tokens_per_s:,.0f} | TFLOP/s/device: {tflops:.2f} | "
                 f"MFU: {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | peak mem: {mem:.2f} GiB | "
                 f"skipped iterations: {interval['skipped']}")
         self.metrics.scalars(self.iteration, **{
             "train/lr": lr, "train/grad_norm": norm, "train/tokens_per_s": tokens_per_s,
             "train/tflops_per_device": tflops, "train/mfu": mfu, "train/peak_mem_gib": mem,
-            "train/loss_scale": scale, "train/avg_loss": loss})
+            "train/loss_scale": scale, "train/avg_loss": loss, "train/batch_size": batch,
+            "train/params_norm": params_norm, "train/num_zeros_in_grad": zeros})
         self.metrics.flush()
 
 
@@ -376,7 +480,7 @@ def _plain(obj):
 @entry_point
 def main(argv=None):
     args = parse_args(argv)
-    signals = _Signals()  # before setup, so that an early SIGTERM is not fatal either
+    signals = _Signals(args.exit_signal)  # before setup, so that an early SIGTERM is not fatal either
     trainer = None
     code = 0
     try:
@@ -384,6 +488,11 @@ def main(argv=None):
         code = trainer.train(signals)
     except UserError as e:  # raised on every rank alike, so the barrier in destroy() is safe
         code = e.exit_code
+        if trainer is not None and trainer.pending_save is not None:
+            try:  # the checkpoint in flight is complete before the run stops
+                trainer.wait_for_save()
+            except UserError as e2:
+                report(e2)
         if not dist.is_initialized() or dist.get_rank() == 0:
             report(e)
     finally:
