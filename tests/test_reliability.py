@@ -2,7 +2,8 @@
 
 The fault-injection test kills pretraining with SIGKILL at seeded random moments: at the named
 steps of a save (checkpoint.KILL_POINTS, from inside the process, so the window is hit exactly),
-twice in the same window, and after random delays from outside. After each trial's kills a plain
+twice in the same window, and after random delays from outside; every other trial with
+--async-save, where the writes run in the background while training goes on. After each trial's kills a plain
 rerun must finish, and its losses and every tensor of its final checkpoint must equal an
 uninterrupted run bit for bit. MEGATRON_BIOMED_KILL_TRIALS sets the number of trials (10 in CI),
 MEGATRON_BIOMED_KILL_SEED the seed.
@@ -26,10 +27,11 @@ TRIALS = int(os.environ.get("MEGATRON_BIOMED_KILL_TRIALS", "7"))  # more: set it
 SEED = int(os.environ.get("MEGATRON_BIOMED_KILL_SEED", "20261125"))
 
 
-def _args(dataset, run_dir, tb_name):
+def _args(dataset, run_dir, tb_name, async_save=False):
     return base_args(dataset, run_dir, iters=ITERS, save=run_dir / "ckpt", load=run_dir / "ckpt",
                      **{"save-interval": SAVE_EVERY, "hidden-dropout": 0.1, "attention-dropout": 0.1,
-                        "tensorboard-dir": run_dir / tb_name, "keep-last-checkpoints": KEEP})
+                        "tensorboard-dir": run_dir / tb_name, "keep-last-checkpoints": KEEP,
+                        "async-save": async_save})
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +106,15 @@ def test_kill_at_random_moments_resumes_bit_identical(dataset, reference, tmp_pa
     survived, kills_made = [], 0
     for t, (kind, kills) in enumerate(plans):
         run = tmp_path / f"trial{t}"
+        async_save = t % 2 == 1  # every other trial writes its checkpoints in the background (--async-save)
+        kind = f"{kind}{' --async-save' if async_save else ''}"
         for k, (how, what, iteration) in enumerate(kills):
-            args = _args(dataset, run, f"tb{k}")
+            args = _args(dataset, run, f"tb{k}", async_save)
             if how == "point":
                 kills_made += _run_killed_at(args, run / "ckpt", what, iteration)
             else:
                 kills_made += _run_killed_after(args, what)
-        out = train(1, _args(dataset, run, f"tb{len(kills)}"))
+        out = train(1, _args(dataset, run, f"tb{len(kills)}", async_save))
         loss = {}
         for k in range(len(kills) + 1):
             loss.update(scalars(run / f"tb{k}", "train/loss"))

@@ -260,6 +260,13 @@ class ParallelGPT:
         finally:
             self.loss_scale = scale
             self.train(True)
+            if self.fsdp:  # a forward with no backward leaves FSDP2's unsharded parameters in place
+                # (reshard_after_forward=False); the optimizer and checkpoints hold the sharded ones
+                from torch.distributed.fsdp import FSDPModule
+                for m in self.modules:
+                    for sub in m.modules():
+                        if isinstance(sub, FSDPModule):
+                            sub.reshard()
 
     @torch.no_grad()
     def reduce_gradients(self):
@@ -441,6 +448,7 @@ class OverlappedGradReduce:
 
     @torch.no_grad()
     def finish(self):
+        self.overlapped = len(self.launched)  # buckets already reducing when backward returned
         for i in range(len(self.buckets)):
             if i not in self.launched:
                 self._launch(i)

@@ -333,7 +333,9 @@ class Trainer:
         if a.save and self.rank == 0 and os.path.exists(os.path.join(a.save, RESUMABLE_MARKER)):
             os.remove(os.path.join(a.save, RESUMABLE_MARKER))
         interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0, "samples": 0}
-        print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {self.gbs} x "
+        first = self.batches.batch_size(self.batches.consumed(self.iteration))
+        ramp = f" (ramping up to {self.gbs})" if first < self.gbs else ""
+        print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {first}{ramp} x "
                f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}, "
                f"{torch.get_num_threads()} CPU thread(s) per process")
         self.model.train(True)
@@ -346,6 +348,10 @@ class Trainer:
             tokens, targets = get_batch(self.train_ds, consumed, batch, self.dp_rank, self.dp)
             loss, norm, skipped = self.train_step(tokens, targets)
             self.iteration += 1
+            reducer = self.model.grad_reducer
+            if reducer is not None and self.iteration == 1:
+                print0(f"--overlap-grad-reduce: {reducer.overlapped} of {len(reducer.buckets)} gradient buckets "
+                       f"were already being reduced when backward returned")
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 raise TrainingError(f"loss is {loss_value} at iteration {self.iteration}; stopping{self._last_good()}")
