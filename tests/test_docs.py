@@ -16,7 +16,7 @@ from conftest import ROOT
 
 # the order a reader takes them (and the order their examples build on each other)
 PAGES = ["data", "model-and-parallelism", "training", "checkpoints", "evaluation", "patient-questions",
-         "corpus-hygiene", "performance", "reliability", "slurm", "layout"]
+         "corpus-hygiene", "performance", "reliability", "slurm", "layout", "megatron-lm-flags"]
 
 
 def bash_blocks(path):

@@ -125,6 +125,11 @@ MEGATRON_CASES = {  # case: (input, flags); pinned by tests/helpers/pin_megatron
     "sentences": ("sentences.jsonl", ["--append-eod", "--split-sentences", "--lang", "english"]),
     "sentences_keep_newlines": ("sentences.jsonl", ["--append-eod", "--split-sentences", "--lang", "english",
                                                     "--keep-newlines"]),
+    "sentences_default_lang": ("sentences.jsonl", ["--append-eod", "--split-sentences"]),  # English Punkt
+    "cr_line_ends": ("cr.jsonl", ["--append-eod"]),  # lone \r line ends
+    "mixed_line_ends_partitions": ("mixed.jsonl", ["--append-eod", "--workers", 2, "--partitions", 2]),
+    "tokenizer_flags": ("edge.jsonl", ["--append-eod", "--vocab-size", 50257, "--padded-vocab-size", 50304,
+                                       "--vocab-extra-ids", 0, "--tokenizer-hf-use-fast"]),
 }
 
 
@@ -279,3 +284,42 @@ def test_gptdataset_builds_on_our_output(trained_tokenizer, tmp_path):
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [20, 2, 2], lambda: True, config).build()
     sample = train[0]
     assert sample["tokens"].shape[0] == 64 and int(sample["tokens"].max()) < 1000
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "a \\udc00 b"}', r"field 'text' holds a lone surrogate (\udc00, from a JSON escape) at character 2"),
+    ('{"text": ["ok", "\\ud800"]}', r"field 'text' holds a lone surrogate (\ud800, from a JSON escape) at character 0"),
+    ('{"text": "x", "n": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits) for integer string conversion"),
+    ('{"text": "x", "n": ' + "[" * 100000 + "]" * 100000 + "}", "JSON nested too deeply for Python to read"),
+], ids=["surrogate", "surrogate-in-list", "5000-digit-integer", "deep-nesting"])
+@pytest.mark.parametrize("position", [2, 70], ids=["among-the-first-texts", "later"])
+def test_records_megatron_stops_on_are_one_line(trained_tokenizer, tmp_path, line, message, position):
+    """Megatron-LM's preprocess_data.py stops with a traceback on each of these; here each is one
+    line naming the file and line, wherever the record is."""
+    inp = tmp_path / "d.jsonl"
+    good = [json.dumps({"text": f"Document {i}."}) for i in range(position - 1)]
+    inp.write_text("\n".join(good + [line, json.dumps({"text": "after"})]) + "\n", encoding="utf-8")
+    r = preprocess(trained_tokenizer, inp, tmp_path / "o", check=1)
+    assert r.stderr.startswith(f"error: {inp}:{position}: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("o_*"))
+
+
+def test_line_numbers_count_every_kind_of_line_end(trained_tokenizer, tmp_path):
+    inp = tmp_path / "d.jsonl"
+    inp.write_bytes(b'{"text": "a"}\r{"text": "b"}\r\n{"text": "c"}\n{"text": oops}\r')
+    r = preprocess(trained_tokenizer, inp, tmp_path / "o", check=1)
+    assert r.stderr.startswith(f"error: {inp}:4: malformed JSON"), r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--vocab-extra-ids", "100"], "error: --vocab-extra-ids 100: Megatron-LM flag refused: only 0 works here"),
+    (["--tokenizer-special-tokens", "<a>"], "error: --tokenizer-special-tokens <a>: Megatron-LM flag refused"),
+])
+def test_megatron_tokenizer_flags_refused_in_one_line(trained_tokenizer, tmp_path, flags, message):
+    inp = write_jsonl(tmp_path / "d.jsonl", [{"text": "One."}])
+    r = preprocess(trained_tokenizer, inp, tmp_path / "o", *flags, check=2)
+    assert r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_tool("preprocess_data", "--input", inp, "--output-prefix", tmp_path / "o", "--tokenizer-type",
+                 "SentencePieceTokenizer", "--tokenizer-model", "m.model", check=2)
+    assert r.stderr.startswith("error: --tokenizer-type SentencePieceTokenizer: not built here; give "
+                               "GPT2BPETokenizer"), r.stderr

@@ -316,3 +316,17 @@ def test_mmlu_header_bom_and_hub_json_lines(tmp_path):
     bom_json = tmp_path / "dev.json"
     bom_json.write_bytes(b"\xef\xbb\xbf" + (json.dumps(dict(MEDMCQA[0], cop=4)) + "\n").encode())
     assert T.read_task("medmcqa", str(bom_json))[0].label == 3
+
+
+def test_evaluate_names_the_file_and_line_of_a_byte_that_is_not_utf8(tmp_path):
+    from conftest import run_tool
+    bad = tmp_path / "medmcqa.jsonl"
+    good = json.dumps({"question": "q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1})
+    bad.write_bytes((good + "\n").encode() + b'{"question": "caf\xe9?", "opa": "a", "opb": "b", "opc": "c", '
+                    b'"opd": "d", "cop": 1}\n')
+    r = run_tool("evaluate", "--load", tmp_path / "none", "--task", "medmcqa", "--data", bad, check=1)
+    assert r.stderr.strip() == f"error: {bad}:2: not UTF-8 (byte 0xe9); save the file as UTF-8", r.stderr
+    mmlu = tmp_path / "anatomy_test.csv"
+    mmlu.write_bytes(b"q,a,b,c,d,A\nq2\xff,a,b,c,d,B\n")
+    r = run_tool("evaluate", "--load", tmp_path / "none", "--task", "mmlu", "--data", mmlu, check=1)
+    assert r.stderr.strip() == f"error: {mmlu}:2: not UTF-8 (byte 0xff); save the file as UTF-8", r.stderr

@@ -8,12 +8,13 @@ Every reader returns a list of `Example`s. Multiple-choice tasks (MedMCQA, MedQA
 `labels` as the class names. A malformed record raises TaskFormatError naming file and line.
 """
 import csv
+import io
 import json
 import os
 import re
 from dataclasses import dataclass, field
 
-from megatron_biomed.utils import iter_json_objects
+from megatron_biomed.utils import iter_json_objects, read_text
 from megatron_biomed.errors import UserError
 
 
@@ -52,8 +53,7 @@ def _need(record, keys, path, line_no, types=str):
 def _read_json_or_lines(path):
     """("json", value) for a file holding one JSON value, or ("lines", [(line_no, object), ...])
     for JSON lines (what the Hugging Face hub's `to_json` writes). A byte-order mark is skipped."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = read_text(path, TaskFormatError)
     try:
         return "json", json.loads(text)
     except json.JSONDecodeError as e:
@@ -172,8 +172,7 @@ PUBMEDQA_LABELS = ("yes", "no", "maybe")
 
 
 def _pmid_list(path):
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = read_text(path, TaskFormatError)
     try:
         value = json.loads(text)
         return [str(x) for x in value]  # a JSON list, or the keys of test_ground_truth.json
@@ -284,24 +283,22 @@ def read_mmlu(path, subject=None):
         for suffix in ("_test", "_dev", "_val"):
             name = name.removesuffix(suffix)
         subject = name
-    with open(path, encoding="utf-8-sig") as f:
-        head = f.read(1024).lstrip()
-    if head.startswith("{"):
+    text = read_text(path, TaskFormatError)
+    if text.lstrip().startswith("{"):
         return _read_mmlu_lines(path, subject)
     out = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if not row:
-                continue
-            if line_no == 1 and len(row) == 6 and tuple(c.strip().lower() for c in row) == MMLU_HEADER:
-                continue
-            if len(row) != 6:
-                raise TaskFormatError(f"{path}:{line_no}: expected 6 columns (question, A, B, C, D, answer), "
-                                      f"found {len(row)}")
-            if row[5].strip() not in "ABCD" or len(row[5].strip()) != 1:
-                raise TaskFormatError(f"{path}:{line_no}: answer should be A-D, found {row[5]!r}")
-            out.append(Example(id=f"{subject}-{line_no}", question=row[0], options=row[1:5],
-                               label="ABCD".index(row[5].strip()), subject=subject))
+    for line_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+        if not row:
+            continue
+        if line_no == 1 and len(row) == 6 and tuple(c.strip().lower() for c in row) == MMLU_HEADER:
+            continue
+        if len(row) != 6:
+            raise TaskFormatError(f"{path}:{line_no}: expected 6 columns (question, A, B, C, D, answer), "
+                                  f"found {len(row)}")
+        if row[5].strip() not in "ABCD" or len(row[5].strip()) != 1:
+            raise TaskFormatError(f"{path}:{line_no}: answer should be A-D, found {row[5]!r}")
+        out.append(Example(id=f"{subject}-{line_no}", question=row[0], options=row[1:5],
+                           label="ABCD".index(row[5].strip()), subject=subject))
     return out
 
 

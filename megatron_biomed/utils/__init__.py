@@ -149,11 +149,31 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def _not_utf8(path, data, e, error, first_line=1):
+    line = first_line + data.count(b"\n", 0, e.start)
+    return error(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8")
+
+
+def read_text(path, error=ValueError):
+    """A UTF-8 text file's contents (a byte-order mark skipped); bytes that are not UTF-8 raise
+    `error` naming the file and line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data, e, error) from None
+
+
 def iter_json_objects(path, error=ValueError):
     """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
-    object raises `error` naming the file and line."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the data
-        for line_no, line in enumerate(f, 1):
+    object, or not UTF-8, raises `error` naming the file and line."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:  # -sig: a byte-order mark is not part of the data
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, raw, e, error, line_no) from None
             if not line.strip():
                 continue
             try:

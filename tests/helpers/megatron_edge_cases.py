@@ -58,6 +58,13 @@ def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     write(edge_records(), os.path.join(out_dir, "edge.jsonl"))
     write(sentence_records(), os.path.join(out_dir, "sentences.jsonl"))
+    # line ends other than \n: a lone \r (old Mac files) and a mix of \r, \r\n and \n
+    with open(os.path.join(out_dir, "edge.jsonl"), "rb") as f:
+        lines = f.read().split(b"\n")[:-1]
+    with open(os.path.join(out_dir, "cr.jsonl"), "wb") as f:
+        f.write(b"".join(line + b"\r" for line in lines))
+    with open(os.path.join(out_dir, "mixed.jsonl"), "wb") as f:
+        f.write(b"".join(line + (b"\r", b"\r\n", b"\n")[n % 3] for n, line in enumerate(lines)))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ run edge_partitions "$WORK/in/edge.jsonl" --workers 2 --partitions 2 --append-eo
 run edge_partitions_sequential "$WORK/in/edge.jsonl" --workers 2 --partitions 2 --append-eod --keep-sequential-samples
 run sentences "$WORK/in/sentences.jsonl" --workers 1 --append-eod --split-sentences --lang english
 run sentences_keep_newlines "$WORK/in/sentences.jsonl" --workers 1 --append-eod --split-sentences --lang english --keep-newlines
+run sentences_default_lang "$WORK/in/sentences.jsonl" --workers 1 --append-eod --split-sentences
+run cr_line_ends "$WORK/in/cr.jsonl" --workers 1 --append-eod
+run mixed_line_ends_partitions "$WORK/in/mixed.jsonl" --workers 2 --partitions 2 --append-eod
+run tokenizer_flags "$WORK/in/edge.jsonl" --workers 1 --append-eod --vocab-size 50257 --padded-vocab-size 50304 \
+  --vocab-extra-ids 0 --tokenizer-hf-use-fast
 # Megatron's own sentence-split output (text as a list of sentences) is an input case too.
 cp "$WORK/sentences/sentences_ss.jsonl" "$DATA/sentences_ss.jsonl"
 
@@ -57,7 +62,8 @@ import glob, hashlib, json, os, sys
 work, out = sys.argv[1:]
 pins = {}
 for case in ["edge", "edge_eod", "edge_partitions", "edge_partitions_sequential", "sentences",
-             "sentences_keep_newlines"]:
+             "sentences_keep_newlines", "sentences_default_lang", "cr_line_ends", "mixed_line_ends_partitions",
+             "tokenizer_flags"]:
     files = sorted(glob.glob(os.path.join(work, case, "out_text_*.bin")) + glob.glob(os.path.join(work, case, "out_text_*.idx")))
     assert len(files) == 2, (case, files, open(os.path.join(work, case, "log")).read()[-2000:])
     pins[case] = {os.path.basename(f)[len("out"):]: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
