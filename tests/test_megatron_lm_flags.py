@@ -72,24 +72,30 @@ def test_docs_table_is_generated_from_the_rules():
     (["--rotary-base", "500000"], "error: --rotary-base 500000: Megatron-LM flag refused"),
     (["--max-position-embeddings", "2048", "--seq-length", "1024"], "error: --max-position-embeddings 2048"),
 ])
-def test_refused_flags_say_why_in_one_line(flags, message):
-    r = subprocess.run([sys.executable, "-m", "megatron_biomed.pretrain_gpt", *flags, "--train-iters", "1",
+def test_refused_flags_say_why_in_one_line(flags, message, capsys):
+    from megatron_biomed.training.trainer import main  # pretrain_gpt's main, in this process
+    assert main([*flags, "--train-iters", "1", "--lr", "1", "--data-path", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert "unrecognized arguments" not in err
+
+
+def test_a_refusal_from_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "megatron_biomed.pretrain_gpt", "--num-experts", "8", "--train-iters", "1",
                         "--lr", "1", "--data-path", "nowhere"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "unrecognized arguments" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: --num-experts 8: Megatron-LM flag refused"), r.stderr
 
 
-def test_accepted_flags_are_noted_under_debug():
+def test_accepted_flags_are_noted_under_debug(capsys):
     from megatron_biomed.training.arguments import parse_args
     from megatron_biomed.compat import megatron_lm as M
     flags = ["--transformer-impl", "local", "--no-masked-softmax-fusion", "--context-parallel-size", "1",
              "--rotary-base", "10000", "--use-mcore-models"]
     args = parse_args(["--train-iters", "1", "--lr", "1", "--data-path", "x", *flags])
     assert not any(k.startswith(M.DEST_PREFIX) for k in vars(args))
-    r = subprocess.run([sys.executable, "-m", "megatron_biomed.pretrain_gpt", *flags, "--train-iters", "1", "--lr", "1",
-                        "--data-path", "nowhere", "--debug", "--model", "tiny"], capture_output=True, text=True, cwd=ROOT)
-    notes = [line for line in r.stdout.splitlines() if line.startswith("note: ")]
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    parse_args(["--train-iters", "1", "--lr", "1", "--data-path", "x", "--debug", *flags])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
     assert sorted(notes) == sorted([
         "note: --transformer-impl local: accepted: what ours does",
         "note: --context-parallel-size 1: accepted: what ours does",
@@ -97,7 +103,7 @@ def test_accepted_flags_are_noted_under_debug():
         "note: --no-masked-softmax-fusion: accepted, no effect here: a kernel fusion switch: ours runs PyTorch's own "
         "kernels (and torch.compile with --compile), with or without it",
         "note: --use-mcore-models: accepted, no effect here: ours is one PyTorch model; there are no legacy models to "
-        "choose between"]), r.stdout
+        "choose between"])
 
 
 def test_megatron_aliases_are_honoured():

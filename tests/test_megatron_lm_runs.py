@@ -61,6 +61,9 @@ def test_rampup_batch_size_resumes_mid_ramp_in_megatron_order(dataset, tmp_path)
     resumed = {**scalars(run / "tb", "train/loss"), **scalars(run / "tb2", "train/loss")}
     assert resumed == scalars(ref / "tb", "train/loss")
     assert json.loads((run / "ckpt" / "iter_0000005" / "config.json").read_text())["consumed_samples"] == starts[5]
+    from megatron_biomed.training.arguments import parse_args  # the run's settings.yaml runs it again
+    again = parse_args(["--config", str(run / "ckpt" / "settings.yaml")])
+    assert again.rampup_batch_size == list(RAMP["ramp"]) and again.lr_warmup_fraction == 0.1
 
     # the samples of iteration 7 are those after starts[6], in order (trace_samples reads them
     # as the training loop does)
@@ -72,17 +75,25 @@ def test_rampup_batch_size_resumes_mid_ramp_in_megatron_order(dataset, tmp_path)
     assert traced == list(range(starts[6], starts[6] + sizes[6]))
 
 
+STEP = {"micro-batch-size": 2, "global-batch-size": 8}  # DP=2: two micro-batches per rank and step
+
+
+@pytest.fixture(scope="module")
+def plain_step(dataset, tmp_path_factory):
+    plain = tmp_path_factory.mktemp("plain")
+    train(2, base_args(dataset, plain, iters=6, save=plain / "ckpt", **STEP))
+    return plain
+
+
 @pytest.mark.parametrize("flags", [{"overlap-grad-reduce": True, "ddp-bucket-size": 3000},
                                    {"use-distributed-optimizer": True, "overlap-grad-reduce": True,
                                     "overlap-param-gather": True}],
                          ids=["overlap-grad-reduce", "distributed-optimizer"])
-def test_overlapped_reduction_equals_the_plain_step(dataset, tmp_path, flags):
+def test_overlapped_reduction_equals_the_plain_step(dataset, tmp_path, flags, plain_step):
     """DP=2, two micro-batches per step: every loss and every weight after 6 steps equal the
     plain (reduce after backward) run within 1e-6; under --overlap-grad-reduce the buckets are
     already reducing when backward returns."""
-    common = {"micro-batch-size": 2, "global-batch-size": 8}
-    plain = tmp_path / "plain"
-    train(2, base_args(dataset, plain, iters=6, save=plain / "ckpt", **common))
+    common, plain = STEP, plain_step
     run = tmp_path / "run"
     out = train(2, base_args(dataset, run, iters=6, save=run / "ckpt", **common, **flags))
     if "ddp-bucket-size" in flags:
@@ -244,10 +255,7 @@ def _shrunk(script, paths):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", [GPT3_175B, DIST_OPTIMIZER, TP2_PP2_NO_TE],
-                         ids=["gpt3_175b_distributed", "dist_optimizer_overlap", "tp2_pp2_uninstall_te"])
-def test_megatron_lm_example_scripts_train(dataset, tmp_path, script):
+def _script_argv(script, dataset, tmp_path):
     vocab_dir = os.path.dirname(dataset["vocab"])
     argv = _shrunk(script, {"DATA_PATH": dataset["prefix"], "VOCAB_FILE": dataset["vocab"],
                             "MERGE_FILE": os.path.join(vocab_dir, "merges.txt"),
@@ -255,6 +263,22 @@ def test_megatron_lm_example_scripts_train(dataset, tmp_path, script):
                             "DATA_CACHE_PATH": dataset["cache"]})
     flags = {w for w in shlex.split(script) if w.startswith("--")}
     assert flags <= set(argv)  # every flag kept
+    return argv
+
+
+def test_every_example_flag_set_parses(dataset, tmp_path):
+    """All three flag sets parse into runs (the third trains like the first: TP2 x PP2, --fp16)."""
+    from megatron_biomed.arguments import model_config
+    from megatron_biomed.training.arguments import parse_args
+    for script in (GPT3_175B, DIST_OPTIMIZER, TP2_PP2_NO_TE):
+        a = parse_args(_script_argv(script, dataset, tmp_path))
+        assert model_config(a).seq_length == 32 and a.train_iters == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [GPT3_175B, DIST_OPTIMIZER], ids=["gpt3_175b_distributed", "dist_optimizer_overlap"])
+def test_megatron_lm_example_scripts_train(dataset, tmp_path, script):
+    argv = _script_argv(script, dataset, tmp_path)
     tp = argv[argv.index("--tensor-model-parallel-size") + 1]
     pp = argv[argv.index("--pipeline-model-parallel-size") + 1]
     nproc = int(tp) * int(pp) * (2 if (tp, pp) == ("1", "1") else 1)
@@ -267,3 +291,28 @@ def test_megatron_lm_example_scripts_train(dataset, tmp_path, script):
     loss = scalars(tmp_path / "tb", "train/loss")
     assert sorted(loss) == list(range(1, 7))
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+
+
+def test_exit_signal_saves_and_exits_resumable(dataset, tmp_path):
+    """--exit-signal-handler --exit-signal 2 (SIGINT): the run finishes its step, saves and exits
+    75 (requeue), as on SIGTERM; --distributed-timeout-minutes reaches the process group."""
+    import signal
+    import time
+    from test_pretrain import finish, launch
+    args = base_args(dataset, tmp_path, iters=500, save=tmp_path / "ckpt",
+                     **{"exit-signal-handler": True, "exit-signal": 2, "distributed-timeout-minutes": 3})
+    procs = launch(1, args)
+    out = ""
+    while "iteration        3/" not in out:
+        line = procs[0].stdout.readline()
+        assert line, out[-3000:]
+        out += line
+    procs[0].send_signal(signal.SIGINT)
+    t0 = time.time()
+    codes, outs = finish(procs)
+    out += outs[0]
+    assert codes == [75], out[-3000:]
+    assert "received SIGINT: stopping at iteration" in out and time.time() - t0 < 60
+    assert "collectives time out after 3 min (--distributed-timeout-minutes)" in out
+    latest = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= latest < 500

@@ -343,25 +343,18 @@ def rule(entry, ours, tool="pretrain_gpt"):
     flags = entry["flags"]
     if any(f in ours for f in flags):
         return Rule(entry, "honoured")
-    if tool == "preprocess_data":
-        table = PREPROCESS
-        for f in flags:
-            if f in table["accepted"]:
-                return Rule(entry, "accepted", table["accepted"][f])
-            if f in table["only"]:
-                values, why = table["only"][f]
-                return Rule(entry, "only", why, values)
-            if f in table["refused"]:
-                return Rule(entry, "refused", table["refused"][f])
-        return Rule(entry, "refused", "not a flag of this tool's tokenizers")
+    accepted, only, refused = ((PREPROCESS["accepted"], PREPROCESS["only"], PREPROCESS["refused"])
+                               if tool == "preprocess_data" else (ACCEPTED, ONLY, REFUSED))
     for f in flags:
-        if f in ACCEPTED:
-            return Rule(entry, "accepted", ACCEPTED[f])
-        if f in ONLY:
-            values, why = ONLY[f]
+        if f in accepted:
+            return Rule(entry, "accepted", accepted[f])
+        if f in only:
+            values, why = only[f]
             return Rule(entry, "only", why, values)
-        if f in REFUSED:
-            return Rule(entry, "refused", REFUSED[f])
+        if f in refused:
+            return Rule(entry, "refused", refused[f])
+    if tool == "preprocess_data":
+        return Rule(entry, "refused", None)  # unsorted: tests/test_megatron_lm_flags.py fails on any
     for prefix, why in REFUSED_PREFIXES:
         if why and flags[0].startswith(prefix):
             return Rule(entry, "refused", why)

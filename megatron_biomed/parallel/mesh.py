@@ -81,6 +81,13 @@ def init_distributed(backend=None, timeout_minutes=None):
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
+def collective_timeout_minutes():
+    """The default process group's collective timeout, as its backend holds it."""
+    pg = dist.distributed_c10d._get_default_group()
+    device = torch.device("cuda") if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
+    return pg._get_backend(device).options._timeout.total_seconds() / 60
+
+
 def build_mesh(parallel, device_type="cpu"):
     """The (pp, dp, tp) mesh; tp varies fastest across ranks, as in Megatron."""
     world = dist.get_world_size()

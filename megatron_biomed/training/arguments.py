@@ -196,11 +196,16 @@ def _typed(action, value, where):
         if not isinstance(action.const, bool):  # --recompute-activations: true sets its value
             return action.const if value else None
         return value
-    if action.nargs in ("+", "*"):
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         values = value if isinstance(value, list) else str(value).split()
         bad = [v for v in values if isinstance(v, (list, dict))]
         if bad:
             raise ConfigError(f"{where}: {bad[0]!r} is not a single value; give a list of names and numbers")
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise ConfigError(f"{where}: {value!r}: give {action.nargs} values")
+        if action.type in (int, float):  # --rampup-batch-size, --profile-ranks
+            single = argparse.Namespace(nargs=None, type=action.type, choices=None)
+            return [_typed(single, v, where) for v in values]
         return [str(v) for v in values]
     typ = action.type
     if isinstance(value, (list, dict)) or (isinstance(value, bool) and typ in (int, float)):

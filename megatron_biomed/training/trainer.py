@@ -335,6 +335,8 @@ class Trainer:
         interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0, "samples": 0}
         first = self.batches.batch_size(self.batches.consumed(self.iteration))
         ramp = f" (ramping up to {self.gbs})" if first < self.gbs else ""
+        if a.distributed_timeout_minutes:
+            print0(f"collectives time out after {M.collective_timeout_minutes():g} min (--distributed-timeout-minutes)")
         print0(f"training iterations {self.iteration + 1}..{a.train_iters}: global batch {first}{ramp} x "
                f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}, "
                f"{torch.get_num_threads()} CPU thread(s) per process")
