@@ -67,10 +67,9 @@ def test_rampup_batch_size_resumes_mid_ramp_in_megatron_order(dataset, tmp_path)
 
     # the samples of iteration 7 are those after starts[6], in order (trace_samples reads them
     # as the training loop does)
+    from megatron_biomed.training.trace_samples import main as trace_samples  # the tool's main, in this process
     args = _split(_ramp_args(dataset, tmp_path / "t")) + ["--iteration", "7", "--trace-output", str(tmp_path / "t.jsonl")]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "trace_samples.py"), *args],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
+    assert trace_samples(args) == 0
     traced = [json.loads(line)["sample"] for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert traced == list(range(starts[6], starts[6] + sizes[6]))
 

@@ -175,7 +175,8 @@ def test_master_port_in_use_is_one_line(dataset, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        # rank 0 of two hosts the store on MASTER_PORT (a single process binds no port at all)
+        env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         code, out = run(base_args(dataset, tmp_path, iters=2), env=env, timeout=120)
     line = one_error(out)
     assert code == 1 and line.startswith(f"error: MASTER_PORT {port}: already in use"), line

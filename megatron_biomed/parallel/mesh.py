@@ -31,7 +31,7 @@ def distributed_env(environ=os.environ):
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         rank, world = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"])
         local = int(environ.get("SLURM_LOCALID", 0))
-    else:  # one process: any free port, so that two single-process runs on a machine never collide
+    else:  # one process (init_distributed then binds no port)
         return 0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT") or 0) or free_port()
     addr = environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     port = int(environ.get("MASTER_PORT") or 20000 + int(environ.get("SLURM_JOB_ID", "9500")) % 40000)
@@ -66,12 +66,17 @@ def init_distributed(backend=None, timeout_minutes=None):
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:
         torch.cuda.set_device(local % torch.cuda.device_count())
-    if not dist.is_initialized():
+    kw = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized() and world == 1:
+        # nobody to meet: an in-memory store, no port bound (single-process jobs sharing a node, or
+        # an array job's tasks, never collide) and no MASTER_* variables left for later processes
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+    elif not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", addr)
         os.environ.setdefault("MASTER_PORT", str(port))
         try:
-            kw = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
-            dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world, **kw)
+            dist.init_process_group(backend, rank=rank, world_size=world, **kw)
         except Exception as e:  # noqa: BLE001 - torch raises DistNetworkError / RuntimeError
             if not _address_in_use(e):
                 raise
