@@ -2,6 +2,7 @@
 process), gloo, a tiny model on .bin/.idx data made by our own tools."""
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -101,6 +102,9 @@ def test_loss_falls_and_tensorboard_has_scalars(dataset, tmp_path, layout):
     valid = scalars(tmp_path / "tb", "validation/loss")
     assert sorted(valid) == [10, 20, 30] and valid[30] < valid[10]
     assert "validation loss at iteration 30" in out and "MFU: " in out and "tokens/s: " in out
+    line = next(x for x in out.splitlines() if "step time per rank (ms):" in x)  # a slow rank is named
+    assert re.search(r"min [\d.]+ \| median [\d.]+ \| max [\d.]+ \(rank [01] on \S+\)$", line), line
+    assert scalars(tmp_path / "tb", "train/step_ms_max_rank")
 
 
 def test_kill_during_save_then_resume_is_exact(dataset, tmp_path):

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -137,6 +138,9 @@ class Trainer:
                          dir=args.wandb_save_dir or os.path.join(args.save or ".", "wandb"), config=self.settings)
         self.metrics = Metrics(args.tensorboard_dir, self.rank, yaml.safe_dump(_plain(config)), wandb=wandb)
         self.profiler = None
+        hosts = [None] * self.world  # each rank's host, to name the slowest one in the log
+        dist.all_gather_object(hosts, socket.gethostname())
+        self.hosts = hosts
         self.flops_per_token = flops_per_token(self.model_config, self.parallel.tensor_model_parallel_size)
         self.peak = peak_tflops(args, self.device)
         self._report_memory_plan()
@@ -427,6 +431,18 @@ class Trainer:
                 print(f"CUDA memory history written to {a.memory_snapshot_path} (open it at pytorch.org/memory_viz)",
                       flush=True)
 
+    def _rank_step_times(self, per_iter):
+        """(min, median, max) of the ranks' step times this interval, and the slowest rank and its
+        host: a slow node is named, not averaged away. Collective."""
+        if self.world == 1:
+            return None
+        mine = torch.tensor([per_iter], dtype=torch.float64, device=self.device)
+        times = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(times, mine)
+        times = [float(t) for t in times]
+        slowest = max(range(self.world), key=times.__getitem__)
+        return sorted(times)[0], sorted(times)[len(times) // 2], times[slowest], slowest, self.hosts[slowest]
+
     def _log(self, interval, lr, norm, batch):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -440,6 +456,7 @@ class Trainer:
         scale = self.scaler.scale if self.scaler else None
         params_norm = float(self.model.params_norm()) if self.args.log_params_norm else None
         zeros = int(self.last_grad_zeros) if self.args.log_num_zeros_in_grad else None
+        ranks = self._rank_step_times(per_iter)
         print0(f" iteration {self.iteration:8d}/{self.args.train_iters:8d} | consumed samples: "
                 f"{self.batches.consumed(self.iteration):12d} | elapsed time per iteration (ms): {per_iter * 1000:.1f} | "
                 f"learning rate: {lr:.6E} | global batch size: {batch:5d} | lm loss: {loss:.6E} | "
@@ -450,11 +467,17 @@ class Trainer:
                 + f"tokens/s: {tokens_per_s:,.0f} | TFLOP/s/device: {tflops:.2f} | "
                 f"MFU: {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | peak mem: {mem:.2f} GiB | "
                 f"skipped iterations: {interval['skipped']}")
+        if ranks is not None:
+            low, mid, high, slowest, host = ranks
+            print0(f"   step time per rank (ms): min {low * 1000:.1f} | median {mid * 1000:.1f} | max {high * 1000:.1f} "
+                   f"(rank {slowest} on {host})")
         self.metrics.scalars(self.iteration, **{
             "train/lr": lr, "train/grad_norm": norm, "train/tokens_per_s": tokens_per_s,
             "train/tflops_per_device": tflops, "train/mfu": mfu, "train/peak_mem_gib": mem,
             "train/loss_scale": scale, "train/avg_loss": loss, "train/batch_size": batch,
-            "train/params_norm": params_norm, "train/num_zeros_in_grad": zeros})
+            "train/params_norm": params_norm, "train/num_zeros_in_grad": zeros,
+            "train/step_ms_max_rank": ranks[2] * 1000 if ranks else None,
+            "train/step_ms_min_rank": ranks[0] * 1000 if ranks else None})
         self.metrics.flush()
 
 
