@@ -16,6 +16,8 @@ COMMANDS = {
                    "JSONL -> Megatron .bin/.idx (Megatron-LM's tools/preprocess_data.py)"),
     "merge-datasets": ("megatron_biomed.data.merge", "merge_datasets.py", "concatenate .bin/.idx datasets"),
     "plan": ("megatron_biomed.planner", "plan_run.py", "memory per GPU and run time before submitting"),
+    "preflight": ("megatron_biomed.preflight", None,
+                  "before training on a cluster: links, bandwidth, a shared filesystem (slurm/preflight.sbatch)"),
     "pretrain": ("megatron_biomed.training.trainer", None,
                  "pretrain a GPT (python -m megatron_biomed.pretrain_gpt; launch with torchrun or srun)"),
     "trace-samples": ("megatron_biomed.training.trace_samples", "trace_samples.py",

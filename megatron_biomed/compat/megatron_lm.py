@@ -165,6 +165,7 @@ REFUSED = {
     "--padded-vocab-size": "ours pads the vocabulary as Megatron does from --make-vocab-size-divisible-by",
     "--vocab-extra-ids": "T5 sentinel tokens: not this model's tokenizer",
     "--deterministic-mode": None,  # honoured (ours)
+    "--distributed-timeout-seconds-after-init": None,  # honoured (ours)
     "--calculate-per-token-loss": "ours averages the loss over a batch's tokens as Megatron does by default",
     "--grad-reduce-in-bf16": "ours reduces gradients in fp32 under --bf16",
     "--fp16-lm-cross-entropy": "ours computes the cross entropy in fp32",
@@ -211,7 +212,6 @@ REFUSED = {
     "--num-virtual-stages-per-pipeline-rank": "give --num-layers-per-virtual-pipeline-stage",
     "--microbatch-group-size-per-virtual-pipeline-stage": "torch.distributed.pipelining's interleaved schedule groups micro-batches itself",
     "--model-parallel-size": "give --tensor-model-parallel-size", "--lazy-mpu-init": "not built",
-    "--distributed-timeout-seconds-after-init": "give --distributed-timeout-minutes",
     "--ddp-num-buckets": "give --ddp-bucket-size", "--ddp-pad-buckets-for-high-nccl-busbw": "not built",
     "--ddp-reduce-scatter-with-fp32-accumulation": "ours reduces in fp32 under --bf16",
     "--overlap-param-gather-with-optimizer-step": "FSDP2 gathers parameters ahead of each block, after the step",

@@ -81,6 +81,10 @@ def add_training_args(parser):
     g.add_argument("--distributed-timeout-minutes", type=int, default=None,
                    help="how long a collective may wait before the job fails (default: PyTorch's, 10 for NCCL, "
                         "30 for gloo)")
+    g.add_argument("--distributed-timeout-seconds-after-init", type=int, default=None,
+                   help="after the first iteration, how long a collective may wait, in seconds (a node lost or a "
+                        "rank stopped is then caught this fast; the first iteration, with its setup, keeps "
+                        "--distributed-timeout-minutes)")
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="dataset prefix, or weight prefix pairs to blend: 0.7 pubmed_text_document 0.3 pmc_text_document")

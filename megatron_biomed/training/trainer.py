@@ -1,9 +1,11 @@
 """The pretraining loop: data, optimizer step, logging, evaluation, checkpoints, signals.
 
 Exit codes: 0 finished (or --exit-interval reached), 75 saved and stopped early on SIGTERM /
-SIGUSR1 / --exit-duration-in-mins (requeue the job and it resumes), 1 a failure (NaN loss,
-bad data), 2 a bad setting.
+SIGUSR1 / --exit-duration-in-mins (requeue the job and it resumes), 76 a collective failed
+because another rank died or stopped answering (requeue the job: it resumes from the last
+checkpoint), 1 a failure (NaN loss, bad data), 2 a bad setting.
 """
+import datetime
 import dataclasses
 import math
 import os
@@ -36,6 +38,14 @@ EXIT_RESUMABLE = 75  # EX_TEMPFAIL: saved and stopped early; slurm/ scripts requ
 # Written into --save beside the checkpoints on such an exit, for launchers that do not pass the
 # exit code on (torchrun): slurm/pretrain_biomedlm.sbatch requeues when it is there.
 RESUMABLE_MARKER = "resumable_exit.txt"
+EXIT_LOST_RANK = 76
+# On exit 76 each surviving rank writes <--save>/collective_failure/rank_<r>.txt, one line:
+# "<rank> <world> <last finished iteration> <host of every rank, comma-separated> <what failed>"; the ranks
+# that wrote none are the lost ones, and slurm/pretrain_biomedlm.sbatch names them and their nodes.
+FAILURE_DIR = "collective_failure"
+# What gloo (and NCCL) say when the rank at the other end died or stopped answering.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
+              "timed out", "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
 
 
 class TrainingError(UserError, RuntimeError):
@@ -345,6 +355,7 @@ class Trainer:
                f"{self.model_config.seq_length} tokens, {self.model.num_stages} pipeline stage(s), world {self.world}, "
                f"{torch.get_num_threads()} CPU thread(s) per process")
         self.model.train(True)
+        self.start_iteration = self.iteration
         while self.iteration < a.train_iters:
             self._profile()
             consumed = self.batches.consumed(self.iteration)
@@ -354,6 +365,8 @@ class Trainer:
             tokens, targets = get_batch(self.train_ds, consumed, batch, self.dp_rank, self.dp)
             loss, norm, skipped = self.train_step(tokens, targets)
             self.iteration += 1
+            if a.distributed_timeout_seconds_after_init and self.iteration == self.start_iteration + 1:
+                self._shorten_collective_timeout(a.distributed_timeout_seconds_after_init)
             reducer = self.model.grad_reducer
             if reducer is not None and self.iteration == 1:
                 print0(f"--overlap-grad-reduce: {reducer.overlapped} of {len(reducer.buckets)} gradient buckets "
@@ -401,6 +414,32 @@ class Trainer:
             if self.test_ds is not None:
                 self.evaluate(self.test_ds, 0, "test")
         return 0
+
+    def _shorten_collective_timeout(self, seconds):
+        """--distributed-timeout-seconds-after-init, as Megatron applies it: once the first
+        iteration (and its slow setup) is done, every training process group waits at most this
+        long. The checkpoint writers' group keeps its timeout: a large shard may take longer."""
+        dist.barrier()
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group is not self.async_group:
+                dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
+        print0(f"collectives time out after {seconds} s from iteration {self.iteration + 1} on "
+               f"(--distributed-timeout-seconds-after-init)")
+
+    def report_collective_failure(self, error):
+        """A collective failed because a peer is gone: one line per node, and this rank's record
+        for the job script (which names the ranks that left none)."""
+        what = _peer_lost(error)
+        at = self.iteration  # the last finished iteration; the failure came in the next one or its save
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:
+            print(f"error: rank {self.rank} ({self.hosts[self.rank]}): a collective failed after iteration {at}: {what}: "
+                  f"another rank died or stopped answering; exiting with code {EXIT_LOST_RANK} so the job is "
+                  f"requeued and resumes from the last checkpoint", file=sys.stderr, flush=True)
+        if self.args.save:
+            d = os.path.join(self.args.save, FAILURE_DIR)
+            os.makedirs(d, exist_ok=True)
+            with atomic_output(os.path.join(d, f"rank_{self.rank}.txt"), "w") as f:
+                f.write(f"{self.rank} {self.world} {at} {','.join(self.hosts)} {what}\n")
 
     def _profile(self, end=False):
         """--profile: a torch.profiler trace of iterations --profile-step-start..--profile-step-end
@@ -497,6 +536,20 @@ def _refuse_foreign_load(path):
                           f"(then --load DIR --finetune, or --use-checkpoint-args)")
 
 
+def _peer_lost(error):
+    """What failed, in one short line, when `error` says a peer rank is gone; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if isinstance(error, dist.DistError) or any(s in text for s in _PEER_LOST):
+            line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+            line = line.split("] ", 1)[-1] if line.startswith("[") else line  # gloo's source location
+            return line.split(". ")[0][:200]
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _plain(obj):
     """Config values as YAML/JSON-safe builtins."""
     if isinstance(obj, dict):
@@ -526,6 +579,15 @@ def main(argv=None):
                 report(e2)
         if not dist.is_initialized() or dist.get_rank() == 0:
             report(e)
+    except Exception as e:  # noqa: BLE001 - a peer lost is told apart below; anything else re-raised
+        if trainer is None or not hasattr(trainer, "hosts") or _peer_lost(e) is None:
+            raise
+        trainer.report_collective_failure(e)
+        trainer.metrics.close()
+        # no barrier, no teardown: the peers they would wait for are gone
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_LOST_RANK)
     finally:
         if trainer is not None:
             trainer.metrics.close()
