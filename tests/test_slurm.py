@@ -132,5 +132,7 @@ def test_slurm_readme_walkthrough_runs_as_written(tmp_path):
     metrics = json.loads((runs / "finetune" / "medmcqa" / "lr1e-3_ep2" / "metrics.json").read_text())
     assert metrics["best_epoch"] in (1, 2) and 0 <= metrics["valid"]["accuracy"] <= 1
     assert re.search(r"\| medmcqa \| 64 \| 0 \| [0-9.]+ \|", r.stdout)
+    preflight = re.search(r"Submitted batch job (\d+)", r.stdout.split("### block 3")[1]).group(1)
+    assert open(os.path.join(ROOT, "logs", f"preflight-{preflight}.out")).read().rstrip().endswith("preflight: ok")
     merges = sorted(glob.glob(os.path.join(ROOT, "logs", "preprocess-pubmed-*.out")), key=os.path.getmtime)
     assert not [m for m in merges if m.endswith("_4294967294.out")]
