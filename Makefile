@@ -24,7 +24,7 @@ install: $(STAMP)
 test: $(STAMP)
 	@# tests/test_slurm.py runs a real one-host Slurm cluster: install slurmctld/slurmd/munge if missing
 	@bash slurm/local_cluster.sh install || echo "Slurm not installable here: tests/test_slurm.py will skip"
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=60 $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
