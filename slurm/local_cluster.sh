@@ -79,12 +79,12 @@ read_network() {  # DIR: the node count, and the port the names were made with
 can_make_namespaces() {  # one line on stderr and false when this machine will not let us
     local probe err
     if ! command -v ip >/dev/null || ! command -v nsenter >/dev/null || ! command -v unshare >/dev/null; then
-        echo "--nodes needs ip (iproute2), nsenter and unshare (util-linux)" >&2
+        echo "local_cluster.sh: --nodes $NODES: needs ip (iproute2), nsenter and unshare (util-linux); install them" >&2
         return 1
     fi
     probe="mbprobe$$"
     if ! err=$(ip link add "$probe" type bridge 2>&1); then
-        echo "--nodes $NODES needs CAP_NET_ADMIN to create network namespaces and a bridge (ip link add: ${err##*: }); run it as root on a machine or VM, or start one node without --nodes" >&2
+        echo "local_cluster.sh: --nodes $NODES: needs CAP_NET_ADMIN to create network namespaces and a bridge (ip link add: ${err##*: }); run it as root on a machine or VM, or start one node without --nodes" >&2
         return 1
     fi
     ip link del "$probe"
