@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Test processes side by side: many tests wait (process start-up, Slurm's scheduler) on one core.
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast demo bench gpu-check clean
 
@@ -24,7 +26,7 @@ install: $(STAMP)
 test: $(STAMP)
 	@# tests/test_slurm.py runs a real one-host Slurm cluster: install slurmctld/slurmd/munge if missing
 	@bash slurm/local_cluster.sh install || echo "Slurm not installable here: tests/test_slurm.py will skip"
-	$(PY) -m pytest -q --durations=60 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=60 $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests

@@ -23,7 +23,7 @@ CLUSTER = os.path.join(ROOT, "slurm", "local_cluster.sh")
 PRETRAIN = os.path.join(ROOT, "slurm", "pretrain_biomedlm.sbatch")
 NETWORK = os.path.join(ROOT, "slurm", "network.sh")
 ITERS = 16
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 def _free_port():
@@ -103,7 +103,7 @@ def pretrain_job(cluster, ds, out, launcher="srun", extra=""):
                PYTHON=sys.executable, OMP_NUM_THREADS="1", LAUNCHER=launcher, TASK_EXIT_WAIT="5",
                EXTRA_ARGS=f"--train-iters {ITERS} --save-interval 4 --seq-length 32 --global-batch-size 8 "
                           f"--micro-batch-size 2 --eval-iters 0 --log-interval 1 --lr-warmup-iters 2 "
-                          f"--distributed-timeout-seconds-after-init 5 {extra}")
+                          f"--distributed-timeout-seconds-after-init 10 {extra}")
     shape = ["--ntasks-per-node=2", "--cpus-per-task=1"] if launcher == "srun" else \
         ["--ntasks-per-node=1", "--cpus-per-task=2"]
     log = out / "job.out"

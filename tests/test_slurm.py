@@ -15,6 +15,7 @@ from test_multinode import _free_port
 
 CLUSTER = os.path.join(ROOT, "slurm", "local_cluster.sh")
 PRETRAIN = os.path.join(ROOT, "slurm", "pretrain_biomedlm.sbatch")
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker: its clusters one after the other
 SCRIPTS = [os.path.join(ROOT, "slurm", f) for f in ("pretrain_biomedlm.sbatch", "convert_checkpoint.sbatch",
                                                      "preprocess_pubmed.sbatch", "finetune.sbatch",
                                                      "preflight.sbatch", "network.sh")] + [
