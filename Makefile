@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --disable-pip-version-check -e ".[test]"
-	@# shellcheck checks the slurm/ scripts in the tests; best effort where apt-get is usable.
+	@# shellcheck checks the slurm/ scripts in the tests, chromium + its driver open the review sheet
+	@# in a real browser; best effort where apt-get is usable (the tests skip with the reason elsewhere).
 	@command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q shellcheck >/dev/null 2>&1; } || true
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || true
 	touch $(STAMP)
 
 install: $(STAMP)
