@@ -20,6 +20,8 @@ COMMANDS = {
                   "before training on a cluster: links, bandwidth, a shared filesystem (slurm/preflight.sbatch)"),
     "pretrain": ("megatron_biomed.training.trainer", None,
                  "pretrain a GPT (python -m megatron_biomed.pretrain_gpt; launch with torchrun or srun)"),
+    "plot-run": ("megatron_biomed.plot_run", "plot_run.py",
+                 "a run's curves (loss, perplexity, lr, throughput, MFU, task accuracy) as PNG and HTML"),
     "trace-samples": ("megatron_biomed.training.trace_samples", "trace_samples.py",
                       "the documents behind a training batch"),
     "convert": ("megatron_biomed.convert.cli", "convert_checkpoint.py",

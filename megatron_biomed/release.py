@@ -108,14 +108,8 @@ def loss_curves(tb_dir, png):
     import glob
     if not tb_dir or not glob.glob(os.path.join(tb_dir, "events.*")):
         return 0
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    series = {}
-    for events in sorted(glob.glob(os.path.join(tb_dir, "events.*"))):
-        ea = EventAccumulator(events, size_guidance={"scalars": 0})
-        ea.Reload()
-        for tag in ("train/loss", "validation/loss"):
-            if tag in ea.Tags()["scalars"]:
-                series.setdefault(tag, {}).update({e.step: e.value for e in ea.Scalars(tag)})
+    from megatron_biomed.plot_run import read_scalars
+    series = read_scalars(tb_dir, ("train/loss", "validation/loss"))
     if not series:
         return 0
     import matplotlib

@@ -379,7 +379,9 @@ class Trainer:
             interval["iters"] += 1
             interval["samples"] += batch
             interval["skipped"] += int(skipped)
-            self.metrics.scalars(self.iteration, **{"train/loss": loss_value})
+            # tokens seen: the x axis of tools/plot_run.py (batch sizes vary under --rampup-batch-size)
+            self.metrics.scalars(self.iteration, **{"train/loss": loss_value, "train/tokens_seen": float(
+                self.batches.consumed(self.iteration) * self.model_config.seq_length)})
             if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
                 self._log(interval, lr, float(norm), batch)
                 interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0, "samples": 0}
