@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_biomed.model.gpt import GPT, CoreAttention
 from megatron_biomed.parallel import pipeline
+from megatron_biomed.model.loss import cross_entropy
 from megatron_biomed.parallel.tensor_parallel import (apply_tensor_parallel, lm_loss,
                                                       tensor_parallel_dropout_rng)
 
@@ -250,13 +251,13 @@ class ParallelGPT:
             total /= self.dp
         return total / self.loss_scale
 
-    @torch.no_grad()
-    def evaluate(self, tokens, targets):
-        """Mean loss of a batch, forward only, dropout off."""
+    @contextlib.contextmanager
+    def _forward_only(self):
+        """Dropout off and loss scale 1 for a forward with no backward; afterwards training mode."""
         self.train(False)
         scale, self.loss_scale = self.loss_scale, 1.0
         try:
-            return self.forward_backward(tokens, targets, backward=False)
+            yield
         finally:
             self.loss_scale = scale
             self.train(True)
@@ -267,6 +268,48 @@ class ParallelGPT:
                     for sub in m.modules():
                         if isinstance(sub, FSDPModule):
                             sub.reshard()
+
+    @torch.no_grad()
+    def evaluate(self, tokens, targets):
+        """Mean loss of a batch, forward only, dropout off."""
+        with self._forward_only():
+            return self.forward_backward(tokens, targets, backward=False)
+
+    @torch.no_grad()
+    def token_losses(self, tokens, targets):
+        """Per-token cross entropy (-log p(target)) of this data-parallel rank's rows, forward
+        only, dropout off: (rows, seq) fp32 on every rank of the model replica; IGNORE_INDEX
+        targets give 0. Rows: a multiple of the micro-batch size."""
+        mbs = self.parallel.micro_batch_size
+        n_mb = tokens.shape[0] // mbs
+
+        def per_token(logits, targets):
+            return cross_entropy(logits, targets, self.config.vocab_size, self.tp_group,
+                                 self.tp_rank * logits.shape[-1])
+        with self._forward_only():
+            if self.pp == 1:
+                out = []
+                for i in range(n_mb):
+                    with self._autocast():
+                        out.append(per_token(self.modules[0](tokens[i * mbs:(i + 1) * mbs]),
+                                             targets[i * mbs:(i + 1) * mbs]).float())
+                return torch.cat(out)
+            key = ("token_losses", n_mb)
+            scored = []
+            if key not in self.schedules:  # the loss closure hands each micro-batch's rows to `scored`
+                self.schedules[key] = pipeline.build_schedule(
+                    self.modules, self.stage_ids, self.num_stages, self.device, self.pp_group, n_mb,
+                    lambda logits, targets: self._scored.append(per_token(logits, targets).float()) or
+                    self._scored[-1].sum(), self.parallel.pipeline_schedule)
+            self._scored = scored
+            kwargs = {"target": targets, "losses": []} if self.last_stage else {}
+            args = (tokens,) if self.first_stage else ()
+            with self._autocast():
+                self.schedules[key].eval(*args, **kwargs)
+            result = torch.cat(scored) if self.last_stage else \
+                torch.empty(tokens.shape, dtype=torch.float32, device=self.device)
+            dist.broadcast(result, src=dist.get_global_rank(self.pp_group, self.pp - 1), group=self.pp_group)
+            return result
 
     @torch.no_grad()
     def reduce_gradients(self):

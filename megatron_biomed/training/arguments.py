@@ -127,6 +127,15 @@ def add_training_args(parser):
     g = parser.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation (0: none)")
+    g.add_argument("--eval-tasks", nargs="+", default=None, metavar="TASK=FILE",
+                   help="downstream QA scored during training, e.g. medmcqa=dev.json pubmedqa=ori_pqal.json "
+                        "mmlu=test.csv (the readers of tools/evaluate.py): accuracy and acc_norm in TensorBoard "
+                        "(tasks/<task>/acc), per-item log-likelihoods in <save>/eval_tasks/")
+    g.add_argument("--eval-tasks-interval", type=int, default=None,
+                   help="iterations between task evaluations (default: --eval-interval)")
+    g.add_argument("--eval-tasks-limit", type=int, default=200,
+                   help="items scored per task, the first ones of each file (0: all)")
+    g.add_argument("--eval-tasks-shots", type=int, default=0, help="solved examples before each question (k-shot)")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-params-norm", action="store_true", help="log the parameters' L2 norm")

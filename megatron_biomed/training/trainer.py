@@ -142,6 +142,7 @@ class Trainer:
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(
             args, self.model_config.vocab_size, eod, self.gbs, self.model_config.seq_length,
             train_samples=self.batches.consumed(args.train_iters))
+        self.task_eval = self._task_eval() if args.eval_tasks else None
         wandb = None
         if args.wandb_project:
             wandb = dict(project=args.wandb_project, name=args.wandb_exp_name, entity=args.wandb_entity,
@@ -312,6 +313,30 @@ class Trainer:
         self.metrics.flush()
         return loss
 
+    def _task_eval(self):
+        from megatron_biomed.data.tokenizer import load_tokenizer
+        from megatron_biomed.training.task_eval import TaskEval
+        a = self.args
+        merges = a.merge_file or (os.path.join(os.path.dirname(a.vocab_file), "merges.txt") if a.vocab_file else None)
+        if not a.vocab_file or not merges or not os.path.isfile(merges):
+            raise ConfigError("--eval-tasks: the items are tokenized with the run's tokenizer: give --vocab-file and "
+                              "--merge-file (or keep merges.txt beside vocab.json)")
+        tok = load_tokenizer("GPT2BPETokenizer", a.vocab_file, merges)
+        return TaskEval(a.eval_tasks, tok, self.model_config.seq_length, a.eval_tasks_limit, a.eval_tasks_shots,
+                        seed=a.seed)
+
+    def score_tasks(self):
+        """--eval-tasks with the weights as they are now: TensorBoard scalars, one log line per task."""
+        start = time.time()
+        results = self.task_eval.run(self.model, self.dp_rank, self.dp, self.parallel.micro_batch_size, self.device)
+        self.metrics.scalars(self.iteration, **self.task_eval.scalars(results))
+        for task, (summary, _) in results.items():
+            print0(f" {task} at iteration {self.iteration} | acc {summary['acc']['accuracy']:.4f} | acc_norm "
+                   f"{summary['acc_norm']['accuracy']:.4f} | n {summary['acc']['n']} | {time.time() - start:.1f} s")
+        if self.args.save and self.rank == 0:
+            self.task_eval.write(results, self.args.save, self.iteration)
+        return results
+
     def _last_good(self):
         """Where to resume from after a non-finite loss: never the checkpoint this run started
         from, which may be what went wrong."""
@@ -387,6 +412,8 @@ class Trainer:
                 interval = {"loss": 0.0, "n": 0, "skipped": 0, "t": time.time(), "iters": 0, "samples": 0}
             if a.eval_iters and self.iteration % a.eval_interval == 0 and self.valid_ds is not None:
                 self.evaluate(self.valid_ds, self.iteration // a.eval_interval - 1, "validation")
+            if self.task_eval is not None and self.iteration % (a.eval_tasks_interval or a.eval_interval) == 0:
+                self.score_tasks()
             reason = self._stop_requested(signals, start)
             if a.save and a.save_interval and self.iteration % a.save_interval == 0:
                 self.save()
