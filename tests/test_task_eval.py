@@ -21,6 +21,9 @@ def test_in_loop_scores_equal_evaluate_on_the_saved_checkpoint(dataset, trained_
     out = train(2, args)
     assert " medmcqa at iteration 2 | acc " in out and " medmcqa at iteration 4 | acc " in out, out[-3000:]
     acc = scalars(run / "tb", "tasks/medmcqa/acc")
+    if "tensor-model-parallel-size" in layout:  # the run's curves show the task beside the loss
+        r = run_tool("plot_run", run / "tb", "--output", tmp_path / "curves.png", check=0)
+        assert "panels: loss, perplexity, learning rate, throughput, downstream tasks" in r.stdout
     assert sorted(acc) == [2, 4] and sorted(scalars(run / "tb", "tasks/medmcqa/acc_norm")) == [2, 4]
     for it in (2, 4):
         in_loop = read_jsonl(run / "ckpt" / "eval_tasks" / f"iter_{it:07d}.jsonl")
