@@ -25,9 +25,10 @@ def test_in_loop_scores_equal_evaluate_on_the_saved_checkpoint(dataset, trained_
         r = run_tool("plot_run", run / "tb", "--output", tmp_path / "curves.png", check=0)
         assert "panels: loss, perplexity, learning rate, throughput, downstream tasks" in r.stdout
     assert sorted(acc) == [2, 4] and sorted(scalars(run / "tb", "tasks/medmcqa/acc_norm")) == [2, 4]
-    for it in (2, 4):
+    assert len(read_jsonl(run / "ckpt" / "eval_tasks" / "iter_0000002.jsonl")) == 8  # --eval-tasks-limit
+    for it in (4,):  # the final weights (two updates on): the layout's round-off has had time to show
         in_loop = read_jsonl(run / "ckpt" / "eval_tasks" / f"iter_{it:07d}.jsonl")
-        assert len(in_loop) == 8  # --eval-tasks-limit
+        assert len(in_loop) == 8
         run_tool("evaluate", "--load", run / "ckpt" / f"iter_{it:07d}", "--task", "medmcqa", "--data", dev,
                  "--limit", 8, "--num-fewshot", layout.get("eval-tasks-shots", 0), "--vocab-file", trained_tokenizer / "vocab.json", "--merge-file",
                  trained_tokenizer / "merges.txt", "--output", tmp_path / f"eval{it}.jsonl",
