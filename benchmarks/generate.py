@@ -31,10 +31,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def ours_run(model, prompts, new):
-    if len(prompts) == 1:
+def ours_run(model, prompts, new, **kw):
+    if len(prompts) == 1 and not kw:
         return [generate(model, prompts[0], new)[0]]
-    return [ids for ids, _ in generate_batch(model, prompts, new)]
+    return [ids for ids, _ in generate_batch(model, prompts, new, **kw)]
+
+
+LABELS = {"ours": "megatron_biomed", "ours-static": "megatron_biomed fixed-shape step",
+          "ours-compiled": "megatron_biomed compiled step", "transformers": "transformers generate"}
 
 
 @torch.no_grad()
@@ -102,6 +106,8 @@ def main(argv=None):
     for b in sizes:
         prompts = prompts_all[:b]
         runs = {"ours": lambda: ours_run(ours, prompts, args.max_new_tokens),
+                "ours-static": lambda: ours_run(ours, prompts, args.max_new_tokens, static=True),
+                "ours-compiled": lambda: ours_run(ours, prompts, args.max_new_tokens, compile=True),
                 "transformers": lambda: theirs_run(theirs, prompts, args.max_new_tokens, device)}
         for fn in runs.values():  # warm-up: kernels chosen, caches allocated
             timed(fn, device)
@@ -110,19 +116,19 @@ def main(argv=None):
             for k, fn in runs.items():
                 dt, outs[k] = timed(fn, device)
                 times[k].append(dt)
-        same = sum(a == c for x, y in zip(outs["ours"], outs["transformers"]) for a, c in zip(x, y))
         tokens = b * args.max_new_tokens
-        assert all(len(x) == args.max_new_tokens for x in outs["ours"] + outs["transformers"])
+        assert all(len(x) == args.max_new_tokens for k in runs for x in outs[k])
         base = statistics.median(times["transformers"])
         for k in runs:
             t = statistics.median(times[k])
+            same = sum(a == c for x, y in zip(outs[k], outs["transformers"]) for a, c in zip(x, y))
             rows.append(dict(impl=k, batch_size=b, seconds=t, tokens_per_s=tokens / t, vs_transformers=base / t,
                              same_tokens=same / tokens))
-    print(f"| {'implementation':<28} | {'batch':>5} | {'tokens/s':>9} | {'vs transformers':>15} | {'same tokens':>11} |")
-    print(f"|{'-' * 30}|{'-' * 7}|{'-' * 11}|{'-' * 17}|{'-' * 13}|")
+    print(f"| {'implementation':<34} | {'batch':>5} | {'tokens/s':>9} | {'vs transformers':>15} | {'same tokens':>11} |")
+    print(f"|{'-' * 36}|{'-' * 7}|{'-' * 11}|{'-' * 17}|{'-' * 13}|")
     for r in rows:
-        label = "megatron_biomed" if r["impl"] == "ours" else "transformers generate"
-        print(f"| {label:<28} | {r['batch_size']:>5} | {r['tokens_per_s']:>9,.0f} | {r['vs_transformers']:>14.2f}x "
+        label = LABELS[r["impl"]]
+        print(f"| {label:<34} | {r['batch_size']:>5} | {r['tokens_per_s']:>9,.0f} | {r['vs_transformers']:>14.2f}x "
               f"| {r['same_tokens']:>10.0%} |")
     if args.json:
         with open(args.json, "w") as f:

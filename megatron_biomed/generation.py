@@ -67,14 +67,41 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, top
     return out, "length"
 
 
+def decode_step(model, tokens, positions, column, key_mask, cache):
+    """One new token per row with the same shapes at every step: its keys and values go into
+    cache column `column` (a 1-element tensor, so a compiled step is not recompiled as it moves)
+    and it attends over every column of the cache, those not written yet and the padding masked
+    out by `key_mask` (rows, cache columns). Logits over the real vocabulary."""
+    cache.index = column
+    try:
+        x = model.blocks(model.embed(tokens, positions=positions), cache=cache, mask=key_mask[:, None, :])
+        return model.head(x)[:, -1, :model.config.vocab_size]
+    finally:
+        cache.index = None
+
+
+_COMPILED = {}
+
+
+def compiled_decode_step():
+    """decode_step under torch.compile (fixed shapes: compiled once per batch size and length)."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(decode_step, dynamic=False)
+    return _COMPILED["step"]
+
+
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, eos_id=None,
-                   generator=None):
+                   generator=None, static=False, compile=False):
     """Continue several prompts (lists of token ids) at once: left-padded into one batch with
     one KV cache, each row's positions counted from its own first token and its padding masked
     out of attention. A row stops at eos_id, after max_new_tokens, or when its positions run out,
     as generate() stops; the others go on. Returns [(new ids, finish reason)] in order. Greedy
-    decoding gives generate()'s tokens, row for row."""
+    decoding gives generate()'s tokens, row for row.
+
+    `static`: after the prompt, every step has the same shapes (decode_step: the whole cache
+    read, unwritten columns masked), which `compile` runs under torch.compile."""
+    static = static or compile
     cfg = model.config
     for i, ids in enumerate(prompts):
         if not ids:
@@ -99,6 +126,7 @@ def generate_batch(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, 
                    last_only=True)[:, -1, :cfg.vocab_size]
     out, reasons = [[] for _ in prompts], [None] * len(prompts)
     next_position = lengths.clone()
+    step, full_mask = (compiled_decode_step() if compile else decode_step), None
     for _ in range(steps):
         # all rows at once, finished ones included (their tokens are dropped): one transfer per step
         chosen = next_tokens(logits, temperature, top_k, top_p, generator)
@@ -113,9 +141,18 @@ def generate_batch(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, 
                     reasons[i] = "context"
         if all(reasons):
             break
-        key_mask = torch.cat([key_mask, key_mask.new_ones(len(prompts), 1)], 1)
-        logits = model(chosen[:, None], cache=cache, positions=next_position.clamp(max=cfg.seq_length - 1)[:, None],
-                       key_mask=key_mask)[:, -1, :cfg.vocab_size]
+        positions = next_position.clamp(max=cfg.seq_length - 1)[:, None]
+        if static:
+            if full_mask is None:  # every column of the cache; those written so far as key_mask says
+                full_mask = key_mask.new_zeros(len(prompts), cache.max_length)
+                full_mask[:, :key_mask.shape[1]] = key_mask
+            full_mask[:, cache.length] = True
+            logits = step(model, chosen[:, None], positions, torch.tensor([cache.length], device=device), full_mask,
+                          cache)
+            cache.length += 1
+        else:
+            key_mask = torch.cat([key_mask, key_mask.new_ones(len(prompts), 1)], 1)
+            logits = model(chosen[:, None], cache=cache, positions=positions, key_mask=key_mask)[:, -1, :cfg.vocab_size]
         next_position += 1
     return [(ids, reason or "length") for ids, reason in zip(out, reasons)]
 

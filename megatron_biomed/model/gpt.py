@@ -161,12 +161,19 @@ class KVCache:
         self.k = [None] * config.num_layers
         self.v = [None] * config.num_layers
         self.length = 0  # positions filled; advanced by GPT.forward
+        # set by a fixed-shape decode step (generation.decode_step): the column (a 1-element
+        # tensor) that receives the new keys and values; reads then return every column
+        self.index = None
 
     def update(self, layer, k, v):
         if self.k[layer] is None:
             shape = (self.batch_size, self.max_length, *k.shape[2:])
             self.k[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
             self.v[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self.index is not None:
+            self.k[layer].index_copy_(1, self.index, k)
+            self.v[layer].index_copy_(1, self.index, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[1]
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
