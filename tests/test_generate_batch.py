@@ -39,14 +39,15 @@ def test_padding_changes_nothing_of_a_row():
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 def test_fixed_shape_decode_step_gives_the_eager_tokens(backend):
-    """The static decode step (the whole KV cache read, unwritten columns masked: the same shapes
-    at every step), eager and under torch.compile, gives today's greedy tokens in fp32."""
+    """The fixed-shape decode step (the whole KV cache read, unwritten columns masked: the same
+    shapes at every step), eager and under torch.compile, gives today's greedy tokens in fp32."""
     torch.manual_seed(0)
     model = GPT(preset("tiny", attention_backend=backend, init_method_std=0.2)).eval()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 17, 1, 9, 30)]
     eager = generate_batch(model, prompts, max_new_tokens=20, eos_id=7)
     assert generate_batch(model, prompts, max_new_tokens=20, eos_id=7, static=True) == eager
-    assert generate_batch(model, prompts, max_new_tokens=20, eos_id=7, compile=True) == eager
     long = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (60, 50, 3)]  # positions run out
-    assert generate_batch(model, long, max_new_tokens=30, compile=True) == generate_batch(model, long, max_new_tokens=30)
+    assert generate_batch(model, long, max_new_tokens=30, static=True) == generate_batch(model, long, max_new_tokens=30)
+    if backend == "sdpa":  # compiled once per shape: one backend is enough to show it changes nothing
+        assert generate_batch(model, prompts, max_new_tokens=20, eos_id=7, compile=True) == eager
