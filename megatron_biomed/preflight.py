@@ -58,10 +58,9 @@ def _timed(fn, iters, device):
     return (time.perf_counter() - start) / iters
 
 
-def _bus_bandwidth(buf, group, ranks, iters, device):
-    """nccl-tests' bus bandwidth of an all-reduce of `buf` among `ranks` (GB/s)."""
+def _bus_bandwidth(buf, group, n, iters, device):
+    """nccl-tests' bus bandwidth of an all-reduce of `buf` among the `n` ranks of `group` (GB/s)."""
     seconds = _timed(lambda: dist.all_reduce(buf, group=group), iters, device)
-    n = len(ranks)
     return buf.numel() * buf.element_size() / seconds * 2 * (n - 1) / n / 1e9
 
 
@@ -137,7 +136,7 @@ def main(argv=None):
     for n in nodes:  # every rank joins every group's creation, as torch.distributed requires
         group = dist.new_group(node_ranks[n])
         if host == n and len(node_ranks[n]) > 1:
-            per_node[n] = _bus_bandwidth(buf, group, node_ranks[n], iters, device)
+            per_node[n] = _bus_bandwidth(buf, group, len(node_ranks[n]), iters, device)
     links = []
     ring = [(leaders[i], leaders[(i + 1) % len(leaders)]) for i in range(len(leaders) if len(leaders) > 2 else 1)] \
         if len(leaders) > 1 else []
@@ -145,7 +144,7 @@ def main(argv=None):
         gbps = _link_bandwidth(buf, a, b, rank, iters, device)
         links.append((hosts[a], hosts[b], gbps if rank == a else None))
         dist.barrier()
-    overall = _bus_bandwidth(buf, None, list(range(world)), iters, device) if world > 1 else None
+    overall = _bus_bandwidth(buf, None, world, iters, device) if world > 1 else None
 
     gathered = [None] * world
     dist.all_gather_object(gathered, (per_node, [(x, y, g) for x, y, g in links if g is not None]))

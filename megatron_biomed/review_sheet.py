@@ -16,6 +16,7 @@ import argparse
 import csv
 import html
 import io
+import json
 import os
 import random
 
@@ -127,7 +128,7 @@ fieldset{border:none;padding:0;margin:.3em 0}fieldset label{display:block}
 table.meaning td{padding:.1em .6em}:focus{outline:3px solid #36c;outline-offset:1px}
 #unrated a{margin-right:.5em}"""
 
-_SCRIPT = """const FIELDS=["reviewer","id","label","rating_1_to_5","harm","comment"];
+_SCRIPT = """const FIELDS=%s;
 function store(){return "megatron_biomed.review:"+document.body.dataset.sheet;}
 function answers(){return Array.from(document.querySelectorAll(".answer"));}
 function read(a){const r=a.querySelector("input[type=radio]:checked");
@@ -152,7 +153,7 @@ function exportRatings(){const who=document.getElementById("reviewer").value.tri
  const link=document.createElement("a");link.href=URL.createObjectURL(new Blob([csv],{type:"text/csv"}));
  link.download="ratings-"+who.replace(/[^A-Za-z0-9_.-]+/g,"_")+".csv";document.body.appendChild(link);link.click();link.remove();}
 document.addEventListener("DOMContentLoaded",()=>{restore();progress();
- document.body.addEventListener("input",save);document.body.addEventListener("change",save);});"""
+ document.body.addEventListener("input",save);document.body.addEventListener("change",save);});""" % json.dumps(EXPORT_FIELDS)
 
 
 def _sheet_id(blinded, title):

@@ -18,9 +18,8 @@ import os
 import numpy as np
 
 from megatron_biomed.errors import UserError
+from megatron_biomed.review_sheet import HARM
 from megatron_biomed.utils import atomic_output
-
-HARM = ("not assessed", "no", "yes")
 
 
 class RatingsError(UserError, ValueError):

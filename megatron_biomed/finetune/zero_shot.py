@@ -114,14 +114,19 @@ def score_example(model, tok, example, prompts, shots=()):
     return [continuation_logprob(model, *encode_pair(tok, context, " " + a)) for a in prompts.answers(example)]
 
 
-def predict(model, tok, example, prompts, shots=()):
-    """One example's prediction record: pred (acc), pred_norm (acc_norm), pred_bytes (acc_bytes)."""
-    lls = score_example(model, tok, example, prompts, shots)
-    answers = prompts.answers(example)
+def prediction(example, answers, lls):
+    """The prediction record of an example whose answers scored `lls`: pred (acc), pred_norm
+    (acc_norm), pred_bytes (acc_bytes). Also what pretraining's --eval-tasks writes."""
     return {"id": example.id, "label": example.label, "pred": argmax(lls),
             "pred_norm": argmax([ll / len(a) for ll, a in zip(lls, answers)]),
             "pred_bytes": argmax([ll / len(a.encode("utf-8")) for ll, a in zip(lls, answers)]),
-            "loglikelihoods": lls, "probs": _softmax(lls)}
+            "loglikelihoods": lls}
+
+
+def predict(model, tok, example, prompts, shots=()):
+    """One example's prediction record (prediction()), with the answers' probabilities."""
+    lls = score_example(model, tok, example, prompts, shots)
+    return dict(prediction(example, prompts.answers(example), lls), probs=_softmax(lls))
 
 
 def macro_f1(gold, pred, num_classes):

@@ -295,18 +295,17 @@ class ParallelGPT:
                                              targets[i * mbs:(i + 1) * mbs]).float())
                 return torch.cat(out)
             key = ("token_losses", n_mb)
-            scored = []
-            if key not in self.schedules:  # the loss closure hands each micro-batch's rows to `scored`
+            if key not in self.schedules:  # the (cached) loss closure hands each micro-batch's rows to _scored
                 self.schedules[key] = pipeline.build_schedule(
                     self.modules, self.stage_ids, self.num_stages, self.device, self.pp_group, n_mb,
                     lambda logits, targets: self._scored.append(per_token(logits, targets).float()) or
                     self._scored[-1].sum(), self.parallel.pipeline_schedule)
-            self._scored = scored
+            self._scored = []
             kwargs = {"target": targets, "losses": []} if self.last_stage else {}
             args = (tokens,) if self.first_stage else ()
             with self._autocast():
                 self.schedules[key].eval(*args, **kwargs)
-            result = torch.cat(scored) if self.last_stage else \
+            result = torch.cat(self._scored) if self.last_stage else \
                 torch.empty(tokens.shape, dtype=torch.float32, device=self.device)
             dist.broadcast(result, src=dist.get_global_rank(self.pp_group, self.pp - 1), group=self.pp_group)
             return result

@@ -45,7 +45,7 @@ def parse_specs(specs):
 class TaskEval:
     def __init__(self, specs, tokenizer, seq_length, limit, shots, seed=1234, prompt_style="ours"):
         self.seq_length = seq_length
-        self.tasks = []  # (name, examples, [(example index, answer index, ctx ids, cont ids)], shots per example)
+        self.tasks = []  # (name, examples, prompts, [(example index, answer index, ctx ids, cont ids)])
         for task, path in parse_specs(specs):
             examples = T.read_task(task, path)
             if limit:
@@ -97,13 +97,7 @@ class TaskEval:
             for part in everyone:  # tensor/pipeline ranks of one replica send the same rows: any copy
                 for i, j, ll in part:
                     lls[i][j] = ll
-            predictions = []
-            for e, ll in zip(examples, lls):
-                answers = prompts.answers(e)
-                predictions.append({"id": e.id, "label": e.label, "pred": Z.argmax(ll),
-                                    "pred_norm": Z.argmax([v / len(a) for v, a in zip(ll, answers)]),
-                                    "pred_bytes": Z.argmax([v / len(a.encode("utf-8")) for v, a in zip(ll, answers)]),
-                                    "loglikelihoods": ll})
+            predictions = [Z.prediction(e, prompts.answers(e), ll) for e, ll in zip(examples, lls)]
             results[task] = (Z.summary(examples, predictions), predictions)
         return results
 

@@ -149,9 +149,8 @@ class Trainer:
                          dir=args.wandb_save_dir or os.path.join(args.save or ".", "wandb"), config=self.settings)
         self.metrics = Metrics(args.tensorboard_dir, self.rank, yaml.safe_dump(_plain(config)), wandb=wandb)
         self.profiler = None
-        hosts = [None] * self.world  # each rank's host, to name the slowest one in the log
-        dist.all_gather_object(hosts, socket.gethostname())
-        self.hosts = hosts
+        self.hosts = [None] * self.world  # each rank's host, to name the slowest one in the log
+        dist.all_gather_object(self.hosts, socket.gethostname())
         self.flops_per_token = flops_per_token(self.model_config, self.parallel.tensor_model_parallel_size)
         self.peak = peak_tflops(args, self.device)
         self._report_memory_plan()
@@ -509,7 +508,8 @@ class Trainer:
         dist.all_gather(times, mine)
         times = [float(t) for t in times]
         slowest = max(range(self.world), key=times.__getitem__)
-        return sorted(times)[0], sorted(times)[len(times) // 2], times[slowest], slowest, self.hosts[slowest]
+        ordered = sorted(times)
+        return ordered[0], ordered[len(ordered) // 2], times[slowest], slowest, self.hosts[slowest]
 
     def _log(self, interval, lr, norm, batch):
         if self.device.type == "cuda":
